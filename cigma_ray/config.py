@@ -1,0 +1,133 @@
+"""Run configuration: the flat keys of DESIGN section 1, their defaults and their checks."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # image set D
+    tp_ratio: float = 0.4
+    seed: int = 0
+    # mask optimisation
+    mask_size: int = 32
+    mask_lr: float = 0.05
+    mask_steps: int = 250
+    l_js: float = 1.0
+    l_1: float = 0.01
+    l_tv: float = 0.1
+    keep_ratio: float = 0.35
+    tau: float = 1.0
+    mask_batch: int = 64
+    # scores and pruning
+    bootstrap: int = 1000
+    ci_level: float = 0.95
+    top_k: int = 16
+    # execution (never changes results)
+    batch_size: int = 64
+    unit_images: int = 64
+    unit_layers: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "tp_ratio": 0 < self.tp_ratio <= 1,
+            "mask_size": self.mask_size >= 2,
+            "mask_lr": self.mask_lr > 0,
+            "mask_steps": self.mask_steps >= 0,
+            "l_js": self.l_js >= 0,
+            "l_1": self.l_1 >= 0,
+            "l_tv": self.l_tv >= 0,
+            "keep_ratio": 0 < self.keep_ratio < 1,
+            "tau": self.tau > 0,
+            "mask_batch": self.mask_batch >= 1,
+            "bootstrap": self.bootstrap >= 0,
+            "ci_level": 0 < self.ci_level < 1,
+            "top_k": self.top_k >= 1,
+            "batch_size": self.batch_size >= 1,
+            "unit_images": self.unit_images >= 1,
+            "unit_layers": self.unit_layers >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"config value out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
+                              f"({'; '.join(RANGES[k] for k in bad)})")
+
+    # Keys that change results; a run directory refuses to mix runs that differ in these.
+    RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
+                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.RESULT_KEYS}
+
+    def replace(self, **changes: Any) -> "Config":
+        return from_dict({**self.to_dict(), **changes})
+
+
+RANGES = {
+    "tp_ratio": "a fraction in (0, 1]",
+    "mask_size": "an integer >= 2",
+    "mask_lr": "> 0",
+    "mask_steps": "an integer >= 0",
+    "l_js": ">= 0",
+    "l_1": ">= 0",
+    "l_tv": ">= 0",
+    "keep_ratio": "a fraction in (0, 1)",
+    "tau": "> 0",
+    "mask_batch": "images whose masks are optimised together, an integer >= 1",
+    "bootstrap": "resamples, an integer >= 0",
+    "ci_level": "in (0, 1)",
+    "top_k": "an integer >= 1",
+    "batch_size": "an integer >= 1",
+    "unit_images": "an integer >= 1",
+    "unit_layers": "an integer >= 0 (0 = all layers in one unit)",
+}
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config, rejecting unknown keys and values of the wrong type by name."""
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(known)}")
+    typed: dict[str, Any] = {}
+    for key, value in values.items():
+        want = type(getattr(Config, key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise ConfigError(f"{source}: {key}={value!r} must be {want.__name__} ({RANGES[key]})")
+        typed[key] = value
+    try:
+        return Config(**typed)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Load a YAML file of flat keys (missing file or bad YAML is a ConfigError), then apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file of flat keys")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must be a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides)
+    return from_dict(values, source=str(path) if path else "config")

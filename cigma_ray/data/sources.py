@@ -1,0 +1,152 @@
+"""Image sources: an ImageFolder tree or a Parquet table of encoded images, listed deterministically.
+
+An image's id is its position in the sorted listing, so every process (driver, actor, resume)
+agrees on it. Images are decoded lazily; one that cannot be decoded is reported, not raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+from dataclasses import dataclass
+from typing import Callable
+
+import fsspec
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "image_bytes", "bytes")
+LABEL_COLUMNS = ("label", "labels", "class", "target")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image_id: int
+    path: str  # file path, or "table.parquet#row" for a table row
+    label: int
+
+
+class ImageSource:
+    """A listed data set: records, class names, and a way to read one image's bytes."""
+
+    def __init__(self, url: str, records: list[Record], classes: list[str], read: Callable[[Record], bytes]):
+        if not records:
+            raise DataError(f"--data {url}: no images found (ImageFolder layout root/<class>/<image> "
+                            f"with {', '.join(IMAGE_SUFFIXES)}, or a Parquet table with an image and a label column)")
+        self.url = url
+        self.records = records
+        self.classes = classes
+        self._read = read
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def fingerprint(self) -> str:
+        """Hash of the listing (paths and labels): a changed data set is noticed on resume."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.image_id}\t{r.path}\t{r.label}\n".encode())
+        return h.hexdigest()
+
+    def check_classes(self, num_classes: int, model_name: str) -> None:
+        """Fail early when labels cannot be model outputs."""
+        if all(c.isdigit() for c in self.classes):
+            too_big = [c for c in self.classes if int(c) >= num_classes]
+            if too_big:
+                raise DataError(f"--data {self.url}: class index {too_big[0]} does not exist in {model_name}, "
+                                f"which has {num_classes} classes")
+        elif len(self.classes) != num_classes:
+            raise DataError(f"--data {self.url} has {len(self.classes)} classes but {model_name} outputs "
+                            f"{num_classes}; pass --num-classes {len(self.classes)} with a checkpoint trained on "
+                            "these classes, or name the class folders by the model's class index (0, 1, ...)")
+
+    def load(self, records: list[Record], transform: Callable) -> tuple[torch.Tensor | None, list[Record], list[tuple[Record, str]]]:
+        """(stacked tensors, records that loaded, (record, error) for those that did not)."""
+        tensors, ok, failed = [], [], []
+        for r in records:
+            try:
+                with Image.open(io.BytesIO(self._read(r))) as img:
+                    tensors.append(transform(img.convert("RGB")))
+                ok.append(r)
+            except Exception as e:  # noqa: BLE001 - any decode error is a per-image failure
+                failed.append((r, f"{type(e).__name__}: {e}"))
+        return (torch.stack(tensors) if tensors else None), ok, failed
+
+
+def class_indices(classes: list[str]) -> list[int]:
+    """Model output index of each class: its integer name, or its sorted position when names are words."""
+    if classes and all(c.isdigit() for c in classes):
+        return [int(c) for c in classes]
+    return list(range(len(classes)))
+
+
+def open_source(url: str) -> ImageSource:
+    """An ImageFolder directory, or a Parquet file or directory of Parquet files."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"--data {url}: {e}") from None
+    if not fs.exists(root):
+        raise DataError(f"--data {url}: does not exist")
+    if fs.isfile(root):
+        if not root.endswith(".parquet"):
+            raise DataError(f"--data {url}: a file must be a .parquet table; for images use a folder root/<class>/<image>")
+        return _parquet_source(url, fs, [root])
+    files = sorted(fs.find(root))
+    tables = [f for f in files if f.endswith(".parquet")]
+    if tables:
+        return _parquet_source(url, fs, tables)
+    return _folder_source(url, fs, root, files)
+
+
+def _folder_source(url: str, fs, root: str, files: list[str]) -> ImageSource:
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        rel = posixpath.relpath(f, root).split("/")
+        if len(rel) == 2 and f.lower().endswith(IMAGE_SUFFIXES) and not rel[1].startswith("."):
+            by_class.setdefault(rel[0], []).append(f)
+    classes = sorted(by_class, key=lambda c: (int(c), c) if c.isdigit() else (float("inf"), c))
+    index = class_indices(classes)
+    records = [Record(i, path, label) for i, (label, path) in
+               enumerate((index[k], p) for k, c in enumerate(classes) for p in sorted(by_class[c]))]
+    return ImageSource(url, records, classes, lambda r: fs.cat_file(r.path))
+
+
+def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
+    schema = pq.read_schema(fs.open(tables[0], "rb"))
+    names = schema.names
+    image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+    label_col = next((c for c in LABEL_COLUMNS if c in names), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"--data {url}: a Parquet table needs an encoded-image column (one of {', '.join(IMAGE_COLUMNS)}) "
+                        f"and a label column (one of {', '.join(LABEL_COLUMNS)}); it has {', '.join(names)}")
+    labels_raw: list = []
+    locations: list[tuple[str, int]] = []
+    for t in tables:
+        column = pq.read_table(fs.open(t, "rb"), columns=[label_col]).column(0).to_pylist()
+        labels_raw += column
+        locations += [(t, i) for i in range(len(column))]
+    if all(isinstance(v, int) for v in labels_raw):
+        classes = [str(v) for v in sorted(set(labels_raw))]
+        labels = labels_raw
+    else:
+        classes = sorted({str(v) for v in labels_raw})
+        labels = [classes.index(str(v)) for v in labels_raw]
+    records = [Record(i, f"{t}#{row}", lab) for i, ((t, row), lab) in enumerate(zip(locations, labels))]
+    cache: dict[str, list] = {}
+
+    def read(r: Record) -> bytes:
+        table, row = r.path.rsplit("#", 1)
+        if table not in cache:
+            cache.clear()
+            cache[table] = pq.read_table(fs.open(table, "rb"), columns=[image_col]).column(0).to_pylist()
+        value = cache[table][int(row)]
+        return value["bytes"] if isinstance(value, dict) else value
+
+    return ImageSource(url, records, classes, read)

@@ -1,0 +1,54 @@
+"""The plain definition of head ablation, kept as the yardstick for every fast path.
+
+Zero the head's rows of W_Q, W_K, W_V (and their biases) and its columns of W_O, run the whole
+model once per head, restore the weights. Slow by design; tests and benchmarks compare to it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..method import js, probs
+
+
+@contextlib.contextmanager
+def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
+    """Temporarily zero one head of a timm attention with a fused qkv Linear and a proj Linear."""
+    dim = attn.head_dim if hasattr(attn, "head_dim") else attn.proj.in_features // attn.num_heads
+    width = attn.num_heads * dim
+    cols = slice(head * dim, (head + 1) * dim)
+    saved = [(attn.proj.weight, attn.proj.weight.detach().clone())]
+    rows = [slice(part * width + head * dim, part * width + (head + 1) * dim) for part in range(3)]
+    saved.append((attn.qkv.weight, attn.qkv.weight.detach().clone()))
+    if attn.qkv.bias is not None:
+        saved.append((attn.qkv.bias, attn.qkv.bias.detach().clone()))
+    with torch.no_grad():
+        attn.proj.weight[:, cols] = 0
+        for r in rows:
+            attn.qkv.weight[r] = 0
+            if attn.qkv.bias is not None:
+                attn.qkv.bias[r] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)
+
+
+@torch.inference_mode()
+def scan_by_weight_zeroing(model: nn.Module, attentions: list[nn.Module], images: torch.Tensor,
+                           images_no_bg: torch.Tensor, heads: list[tuple[int, int]], tau: float = 1.0,
+                           batch_size: int = 64) -> torch.Tensor:
+    """BIG^(-h) per head and image, one head at a time, whole model, on zeroed weights."""
+    out = torch.empty(len(heads), images.shape[0])
+    for pos, (layer, head) in enumerate(heads):
+        with zeroed_head(attentions[layer], head):
+            for i in range(0, images.shape[0], batch_size):
+                q = probs(model(images[i: i + batch_size]), tau)
+                q_no_bg = probs(model(images_no_bg[i: i + batch_size]), tau)
+                out[pos, i: i + batch_size] = js(q, q_no_bg).cpu()
+    return out

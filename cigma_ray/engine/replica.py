@@ -1,0 +1,91 @@
+"""One model replica: the batched work of every stage on one device, tensors in and out."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import Config
+from ..method import counterfactuals, foreground_cells, gains, optimise_masks, probs
+from ..models import LoadedModel
+from .scan import batched, scan_heads
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class MaskResult:
+    mask: torch.Tensor  # (N, s, s) fp32 soft mask M
+    fg: torch.Tensor  # (N, s, s) bool, the kept cells S
+    fig: torch.Tensor
+    big: torch.Tensor
+    bir: torch.Tensor
+
+
+class Replica:
+    """Holds a loaded model on a device and runs each stage's math on batches of images."""
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", precision: str = "fp32", batch_size: int = 64):
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.loaded = loaded
+        self.adapter = loaded.adapter
+        self.device = torch.device(device)
+        self.precision = precision
+        self.batch_size = batch_size
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        with self.autocast():
+            return self.adapter.logits(x, keep).float()
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (N, C) in fp32 on the CPU; `keep` masks are per layer (1, heads), broadcast to the batch."""
+        def run(x: torch.Tensor) -> torch.Tensor:
+            k = None if keep is None else {l: m.to(self.device).expand(len(x), -1) for l, m in keep.items()}
+            return self._logits(x.to(self.device), k)
+        return batched(run, images, self.batch_size).cpu()
+
+    def masks(self, images: torch.Tensor, cfg: Config) -> MaskResult:
+        """Learn the masks of these images together, binarise them, and measure FIG, BIG, BIR.
+
+        The images are optimised as one batch whatever `batch_size` is: Adam's normalised steps
+        amplify float rounding in near-zero gradients, so only a fixed batch composition (the
+        run's mask unit) gives masks that are reproducible bit for bit.
+        """
+        x = images.to(self.device)
+        with torch.no_grad():
+            q = probs(self._logits(x), cfg.tau)
+        mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
+                              mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+        fg = foreground_cells(mask, cfg.keep_ratio)
+        fig, big, bir = self.gains(images, fg, cfg.tau)
+        return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=bir)
+
+    def gains(self, images: torch.Tensor, fg: torch.Tensor, tau: float,
+              keep: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(FIG, BIG, BIR) per image under the given keep-masks (intact model when None)."""
+        no_bg, no_fg = counterfactuals(images, fg)
+        q, q_no_fg, q_no_bg = (probs(self.logits(x, keep), tau) for x in (images, no_fg, no_bg))
+        return gains(q, q_no_fg, q_no_bg)
+
+    def scan(self, images: torch.Tensor, fg: torch.Tensor, heads: list[tuple[int, int]], tau: float,
+             on_pairs: Callable[[int], None] | None = None) -> torch.Tensor:
+        """BIG^(-h) per (head, image): (len(heads), N) fp32."""
+        no_bg, _ = counterfactuals(images, fg)
+        return scan_heads(self.adapter, images.to(self.device), no_bg.to(self.device), heads, tau=tau,
+                          batch_size=self.batch_size, autocast=self.autocast, on_pairs=on_pairs)
+
+    def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """Per-layer (1, heads) keep-masks that ablate the given heads together."""
+        keep = {layer: torch.ones(1, n) for layer, n in enumerate(self.adapter.heads_per_layer)}
+        for layer, head in heads:
+            keep[layer][0, head] = 0
+        return {layer: k for layer, k in keep.items() if not bool(k.all())}

@@ -1,0 +1,90 @@
+"""The head scan of one replica: BIG^(-h) for many (head, image) pairs, fast and exact.
+
+Two tricks (DESIGN section 6): the layers below layer l are the same for every head of layer l,
+so their output is computed once and reused; and many (head, image) pairs go through one
+batched forward, each with its own keep-mask. The paper-style reference, which re-runs the
+whole model with zeroed weights, is `engine.reference.scan_by_weight_zeroing`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Iterator
+
+import torch
+
+from ..method import js, probs
+from ..models import HeadAdapter
+
+
+def pair_chunks(n_heads: int, n_images: int, pairs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(head positions, image indices) of consecutive chunks of the head-major pair list."""
+    total = n_heads * n_images
+    for start in range(0, total, pairs_per_chunk):
+        flat = torch.arange(start, min(start + pairs_per_chunk, total))
+        yield flat // n_images, flat % n_images
+
+
+@torch.inference_mode()
+def scan_heads(
+    adapter: HeadAdapter,
+    images: torch.Tensor,
+    images_no_bg: torch.Tensor,
+    heads: list[tuple[int, int]],
+    *,
+    tau: float = 1.0,
+    batch_size: int = 64,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_pairs: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i.
+
+    Returns a (len(heads), N) fp32 CPU tensor. `batch_size` counts images per forward pass
+    (a pair costs two); results do not depend on it beyond float rounding.
+    """
+    n = images.shape[0]
+    pairs_per_chunk = max(1, batch_size // 2)
+    x = torch.cat([images, images_no_bg])
+    out = torch.empty(len(heads), n, dtype=torch.float32)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for pos, (layer, _) in enumerate(heads):
+        by_layer[layer].append(pos)
+    last = max(by_layer, default=-1)
+    tokens = None
+    if adapter.supports_prefix and last >= 0:
+        with autocast():
+            tokens = batched(adapter.embed, x, batch_size)
+
+    for layer in range(last + 1):
+        positions = torch.tensor(by_layer.get(layer, []), dtype=torch.long)
+        head_of = torch.tensor([heads[p][1] for p in positions.tolist()], dtype=torch.long)
+        for head_pos, img in pair_chunks(len(positions), n, pairs_per_chunk):
+            idx = torch.cat([img, img + n]).to(x.device)
+            keep = torch.ones(len(idx), adapter.heads_per_layer[layer], device=x.device)
+            keep[torch.arange(len(idx)), head_of[head_pos].repeat(2).to(x.device)] = 0
+            with autocast():
+                if tokens is not None:
+                    logits = suffix(adapter, layer, tokens[idx], keep)
+                else:
+                    logits = adapter.logits(x[idx], {layer: keep})
+            q = probs(logits, tau)
+            out[positions[head_pos], img] = js(q[: len(img)], q[len(img):]).cpu()
+            if on_pairs is not None:
+                on_pairs(len(img))
+        if tokens is not None and layer < last:
+            with autocast():
+                tokens = batched(lambda t, layer=layer: adapter.block(layer, t), tokens, batch_size)
+    return out
+
+
+def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits from the input of block `layer` on, with `keep` applied in that block only."""
+    tokens = adapter.block(layer, tokens, keep)
+    for later in range(layer + 1, adapter.num_layers):
+        tokens = adapter.block(later, tokens)
+    return adapter.readout(tokens)
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn over x in slices of batch_size along dim 0, concatenated."""
+    return torch.cat([fn(x[i: i + batch_size]) for i in range(0, x.shape[0], batch_size)])

@@ -1,0 +1,9 @@
+"""Pure math of the CIGMA method: no I/O, no Ray, no models."""
+from .divergence import js, kl, probs
+from .gains import bir_summary, gains
+from .masks import baseline, counterfactuals, foreground_cells, optimise_masks
+from .metrics import accuracy, ece, nll
+from .scores import head_scores, ranks
+
+__all__ = ["js", "kl", "probs", "gains", "bir_summary", "baseline", "counterfactuals", "foreground_cells",
+           "optimise_masks", "accuracy", "ece", "nll", "head_scores", "ranks"]

@@ -1,0 +1,95 @@
+"""Foreground masks: the learned soft mask, its binarisation and the counterfactual images."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .divergence import js, probs
+
+
+def baseline(images: torch.Tensor) -> torch.Tensor:
+    """B: the per-image, per-channel mean of the preprocessed image, shape (N, C, 1, 1)."""
+    return images.mean(dim=(2, 3), keepdim=True)
+
+
+def upsample_soft(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """U(M): bilinear upsampling of (N, h, w) masks to (N, 1, H, W)."""
+    return F.interpolate(mask.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+
+
+def upsample_hard(fg: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling of (N, h, w) boolean cells to (N, 1, H, W) floats."""
+    return F.interpolate(fg.unsqueeze(1).float(), size=size, mode="nearest")
+
+
+def blend(images: torch.Tensor, keep: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """keep * I + (1 - keep) * B."""
+    return keep * images + (1 - keep) * base
+
+
+def total_variation(mask: torch.Tensor) -> torch.Tensor:
+    """TV(M) = mean |dx M| + mean |dy M| per mask of shape (N, h, w)."""
+    dx = (mask[:, :, 1:] - mask[:, :, :-1]).abs().mean(dim=(1, 2))
+    dy = (mask[:, 1:, :] - mask[:, :-1, :]).abs().mean(dim=(1, 2))
+    return dx + dy
+
+
+def mask_loss(q: torch.Tensor, q_keep: torch.Tensor, mask: torch.Tensor,
+              l_js: float, l_1: float, l_tv: float) -> torch.Tensor:
+    """Per-image objective l_js * JS(q, q(I_keep)) + l_1 * mean(M) + l_tv * TV(M), shape (N,)."""
+    return l_js * js(q, q_keep) + l_1 * mask.mean(dim=(1, 2)) + l_tv * total_variation(mask)
+
+
+def optimise_masks(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    mask_size: int = 32,
+    mask_lr: float = 0.05,
+    mask_steps: int = 250,
+    l_js: float = 1.0,
+    l_1: float = 0.01,
+    l_tv: float = 0.1,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
+
+    The per-image losses are summed, and Adam is elementwise, so each mask follows exactly the
+    trajectory it would follow alone.
+    """
+    n = images.shape[0]
+    size = tuple(images.shape[-2:])
+    base = baseline(images)
+    theta = torch.zeros(n, mask_size, mask_size, device=images.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=mask_lr)
+    for _ in range(mask_steps):
+        mask = torch.sigmoid(theta)
+        keep_img = blend(images, upsample_soft(mask, size).to(images.dtype), base)
+        loss = mask_loss(q, probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(theta.detach())
+
+
+def foreground_cells(mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """S at cell level: the round(keep_ratio * h * w) largest cells of each (N, h, w) mask.
+
+    Ties go to the lower flat index, so exactly that many cells are kept.
+    """
+    n, h, w = mask.shape
+    k = round(keep_ratio * h * w)
+    order = torch.sort(mask.reshape(n, -1), dim=1, descending=True, stable=True).indices
+    fg = torch.zeros(n, h * w, dtype=torch.bool, device=mask.device)
+    fg.scatter_(1, order[:, :k], True)
+    return fg.reshape(n, h, w)
+
+
+def counterfactuals(images: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I_-bg, I_-fg): background replaced by B, and foreground replaced by B."""
+    s = upsample_hard(fg, tuple(images.shape[-2:])).to(images.dtype)
+    base = baseline(images)
+    return blend(images, s, base), blend(images, 1 - s, base)

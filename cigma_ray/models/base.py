@@ -1,0 +1,123 @@
+"""The adapter contract: a model as embed -> blocks -> readout, with addressable attention heads.
+
+A head is ablated by a per-sample keep-mask on the heads' outputs just before the attention's
+output projection. That equals zeroing the head's columns of W_O (and, for attentions without a
+norm between heads and projection, its rows of W_Q, W_K, W_V), without ever copying weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or scanned; the message names the model and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the same model in any process (driver, actor, resume)."""
+
+    name: str  # "timm:NAME"
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    random_weights: bool = False
+    seed: int = 0
+
+    @property
+    def family(self) -> str:
+        return self.name.split(":", 1)[0] if ":" in self.name else ""
+
+    @property
+    def arch(self) -> str:
+        return self.name.split(":", 1)[1] if ":" in self.name else self.name
+
+
+class HeadGates:
+    """Forward pre-hooks on each attention's output projection that apply the active keep-masks."""
+
+    def __init__(self, attentions: list[nn.Module]):
+        found = [attention_projection(a) for a in attentions]
+        self.heads_per_layer = [heads for _, heads, _ in found]
+        self.head_dims = [dim for _, _, dim in found]
+        self.active: list[torch.Tensor | None] = [None] * len(found)
+        for layer, (proj, _, _) in enumerate(found):
+            proj.register_forward_pre_hook(self._hook(layer))
+
+    def _hook(self, layer: int):
+        def apply(module: nn.Linear, args: tuple) -> tuple | None:
+            keep = self.active[layer]
+            if keep is None:
+                return None
+            x = args[0]
+            if x.shape[0] % keep.shape[0]:
+                raise RuntimeError(f"keep-mask for layer {layer} has batch {keep.shape[0]}, activations have {x.shape[0]}")
+            if x.shape[0] != keep.shape[0]:  # windows folded into the batch, image-major (timm's window_partition)
+                keep = keep.repeat_interleave(x.shape[0] // keep.shape[0], dim=0)
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (keep.shape[1],)
+            return (x * keep.to(x.dtype).view(shape),) + args[1:]
+        return apply
+
+    @contextlib.contextmanager
+    def use(self, keep: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Activate keep-masks {layer: (B, heads)} (1 keeps a head, 0 ablates it) for the block."""
+        previous = list(self.active)
+        try:
+            for layer, k in keep.items():
+                dim = self.head_dims[layer]
+                self.active[layer] = k.repeat_interleave(dim, dim=1)
+            yield
+        finally:
+            self.active = previous
+
+
+class HeadAdapter:
+    """Base of all adapters. Subclasses set `model`, `gates` and `input_size` (H, W)."""
+
+    model: nn.Module
+    gates: HeadGates
+    input_size: tuple[int, int]
+    supports_prefix: bool = False
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        return self.gates.heads_per_layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads_per_layer)
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        return [(layer, h) for layer, n in enumerate(self.heads_per_layer) for h in range(n)]
+
+    def logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole model's logits, with optional keep-masks {layer: (B, heads)}."""
+        with self.gates.use(keep or {}):
+            return self.model(x)
+
+    # Prefix-shared path (supports_prefix adapters only).
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block(self, layer: int, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def attention_projection(attn: nn.Module) -> tuple[nn.Linear, int, int]:
+    """(output projection, number of heads, head width) of a timm-style attention module."""
+    proj = getattr(attn, "proj", None)
+    heads = getattr(attn, "num_heads", None)
+    if not isinstance(proj, nn.Linear) or not isinstance(heads, int) or proj.in_features % heads:
+        raise ModelError(f"attention module {type(attn).__name__} has no per-head output projection "
+                         "(needs .num_heads and a .proj Linear whose input splits into heads)")
+    return proj, heads, proj.in_features // heads

@@ -1,0 +1,344 @@
+"""The stages predict -> select -> mask (with gains) -> scan -> rank, their units, and resume.
+
+Every expensive stage is cut into units that are deterministic from the config and the data
+listing; a unit writes exactly one Parquet file whose name derives from the unit. A stage runs
+only the units whose file is missing, so an interrupted run finishes when the same command runs
+again. `Worker.run_unit` is all a replica needs to do a unit, in this process or on a Ray actor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from . import __version__
+from .config import Config
+from .data import DataError, ImageSource, open_source
+from .engine import Replica
+from .method import head_scores, ranks
+from .models import LoadedModel, ModelSpec, load
+from .storage import RunDir
+
+
+class RunMismatch(ValueError):
+    """An existing run directory was made with settings that would change its results."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines a scan; every process rebuilds its model and data from this."""
+
+    model: ModelSpec
+    data: str
+    out: str
+    config: Config = field(default_factory=Config)
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a stage: an image shard, and for the scan a layer range [first, stop)."""
+
+    stage: str
+    shard: int
+    image_ids: tuple[int, ...]
+    layers: tuple[int, int] | None = None
+    inputs: tuple[str, ...] = ()  # run-directory files the unit reads (a scan unit's masks)
+
+    @property
+    def file(self) -> str:
+        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas"}[self.stage]
+        name = f"part-{self.shard:05d}"
+        if self.layers is not None:
+            name += f"-l{self.layers[0]:03d}-{self.layers[1]:03d}"
+        return f"{folder}/{name}.parquet"
+
+    @property
+    def failure_file(self) -> str:
+        return f"failures/{self.file.replace('/', '-')}"
+
+
+def shards(ids: list[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i: i + size]) for i in range(0, len(ids), size)]
+
+
+def layer_ranges(num_layers: int, per_unit: int) -> list[tuple[int, int]]:
+    per_unit = per_unit or num_layers
+    return [(a, min(a + per_unit, num_layers)) for a in range(0, num_layers, per_unit)]
+
+
+def select_images(correct_ids: Iterable[int], tp_ratio: float, seed: int) -> list[int]:
+    """D: a seeded uniform sample of round(tp_ratio * n) correctly classified images (at least one)."""
+    ids = np.array(sorted(correct_ids), dtype=np.int64)
+    k = max(1, round(tp_ratio * len(ids))) if len(ids) else 0
+    chosen = np.random.default_rng(seed).choice(ids, size=k, replace=False) if k else ids
+    return sorted(int(i) for i in chosen)
+
+
+def plan_hash(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Worker:
+    """A model replica bound to a run: reads a unit's inputs, computes, writes the unit's file."""
+
+    def __init__(self, job: Job, loaded: LoadedModel | None = None, source: ImageSource | None = None):
+        self.job = job
+        self.cfg = job.config
+        self.run = RunDir(job.out)
+        self.source = source or open_source(job.data)
+        self.loaded = loaded or load(job.model, job.device)
+        self.replica = Replica(self.loaded, job.device, job.precision, self.cfg.batch_size)
+
+    def _images(self, unit: Unit):
+        records = [self.source.records[i] for i in unit.image_ids]
+        images, ok, failed = self.source.load(records, self.loaded.transform)
+        if failed:
+            self.run.write_table(unit.failure_file, pa.table({
+                "image_id": [r.image_id for r, _ in failed], "path": [r.path for r, _ in failed],
+                "stage": [unit.stage] * len(failed), "error": [e for _, e in failed]}))
+        return images, ok
+
+    def run_unit(self, unit: Unit, on_progress: Callable[[int], None] | None = None) -> dict:
+        """Do one unit and write its file; returns a small receipt (never tensors or rows)."""
+        start = time.perf_counter()
+        table = getattr(self, f"_{unit.stage}")(unit, on_progress or (lambda n: None))
+        self.run.write_table(unit.file, table)
+        return {"file": unit.file, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+
+    def _predict(self, unit: Unit, progress) -> pa.Table:
+        images, ok = self._images(unit)
+        probs = (torch.softmax(self.replica.logits(images) / self.cfg.tau, dim=1) if ok
+                 else torch.empty(0, self.loaded.num_classes))
+        labels = np.array([r.label for r in ok], dtype=np.int64)
+        pred = probs.argmax(dim=1).numpy()
+        progress(len(unit.image_ids))
+        return pa.table({
+            "image_id": pa.array([r.image_id for r in ok], pa.int64()),
+            "path": [r.path for r in ok],
+            "label": pa.array(labels, pa.int64()),
+            "pred": pa.array(pred, pa.int64()),
+            "correct": pa.array(pred == labels, pa.bool_()),
+            "probs": pa.array(list(probs.numpy().astype(np.float32)), pa.list_(pa.float32())),
+        })
+
+    def _mask(self, unit: Unit, progress) -> pa.Table:
+        images, ok = self._images(unit)
+        if not ok:
+            return empty_masks_table()
+        result = self.replica.masks(images, self.cfg)
+        progress(len(unit.image_ids))
+        return pa.table({
+            "image_id": pa.array([r.image_id for r in ok], pa.int64()),
+            "mask": pa.array(list(result.mask.reshape(len(ok), -1).numpy()), pa.list_(pa.float32())),
+            "fg": pa.array(list(result.fg.reshape(len(ok), -1).numpy()), pa.list_(pa.bool_())),
+            "fig": pa.array(result.fig.numpy(), pa.float64()),
+            "big": pa.array(result.big.numpy(), pa.float64()),
+            "bir": pa.array(result.bir.numpy(), pa.float64()),
+        })
+
+    def _scan(self, unit: Unit, progress) -> pa.Table:
+        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "big"]) for f in unit.inputs])
+        wanted = pa.array(unit.image_ids, pa.int64())
+        masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
+        ids = masks["image_id"].to_pylist()
+        images, ok = self._images(Unit("scan", unit.shard, tuple(ids), unit.layers))
+        if len(ok) != len(ids):  # an image that was readable before is not now: keep the rows aligned
+            keep = {r.image_id for r in ok}
+            masks = masks.filter(pa.array([i in keep for i in ids]))
+            ids = [i for i in ids if i in keep]
+        if not ids:
+            return empty_deltas_table()
+        side = self.cfg.mask_size
+        fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(len(ids), side, side)
+        heads = [(l, h) for (l, h) in self.loaded.adapter.heads if unit.layers[0] <= l < unit.layers[1]]
+        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress).numpy().astype(np.float64)
+        big = masks["big"].to_numpy()
+        n = len(ids)
+        return pa.table({
+            "image_id": pa.array(np.tile(np.array(ids, dtype=np.int64), len(heads)), pa.int64()),
+            "layer": pa.array(np.repeat([l for l, _ in heads], n), pa.int32()),
+            "head": pa.array(np.repeat([h for _, h in heads], n), pa.int32()),
+            "big": pa.array(np.tile(big, len(heads)), pa.float64()),
+            "big_ablated": pa.array(ablated.reshape(-1), pa.float64()),
+            "delta": pa.array((big[None, :] - ablated).reshape(-1), pa.float64()),
+        })
+
+
+def empty_masks_table() -> pa.Table:
+    return pa.table({"image_id": pa.array([], pa.int64()), "mask": pa.array([], pa.list_(pa.float32())),
+                     "fg": pa.array([], pa.list_(pa.bool_())), "fig": pa.array([], pa.float64()),
+                     "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64())})
+
+
+def empty_deltas_table() -> pa.Table:
+    return pa.table({"image_id": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
+                     "head": pa.array([], pa.int32()), "big": pa.array([], pa.float64()),
+                     "big_ablated": pa.array([], pa.float64()), "delta": pa.array([], pa.float64())})
+
+
+class Pipeline:
+    """A run directory being filled: validates everything up front, then runs missing units."""
+
+    def __init__(self, job: Job, progress: bool = True):
+        self.job = job
+        self.cfg = job.config
+        self.progress = progress
+        self.source = open_source(job.data)
+        self.loaded = load(job.model, job.device)
+        self.source.check_classes(self.loaded.num_classes, job.model.name)
+        self.run = RunDir(job.out)
+        self.adapter = self.loaded.adapter
+        self._worker: Worker | None = None
+        self.manifest = self._manifest()
+        self._claim_run_dir()
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            self._worker = Worker(self.job, self.loaded, self.source)
+        return self._worker
+
+    # -- run.json and compatibility ---------------------------------------------------------
+    def _manifest(self) -> dict:
+        fp = self.loaded.fingerprint
+        plan = {"unit_images": self.cfg.unit_images, "unit_layers": self.cfg.unit_layers,
+                "n_images": len(self.source), "heads_per_layer": self.adapter.heads_per_layer}
+        return {
+            "version": __version__,
+            "config": self.cfg.to_dict(),
+            "model": {k: fp[k] for k in ("name", "model_kwargs", "img_size", "num_classes", "input_size", "weights", "checkpoint")},
+            "data": {"url": self.job.data, "fingerprint": self.source.fingerprint(), "n_images": len(self.source),
+                     "classes": self.source.classes},
+            "precision": self.job.precision,
+            "plan": {**plan, "hash": plan_hash(plan)},
+        }
+
+    def _claim_run_dir(self) -> None:
+        if not self.run.exists("run.json"):
+            self.run.write_json("run.json", self.manifest)
+            return
+        old, new = self.run.read_json("run.json"), self.manifest
+        diffs = [f"{k}: run has {old['config'].get(k)!r}, this command {new['config'][k]!r}"
+                 for k in Config.RESULT_KEYS if old["config"].get(k) != new["config"][k]]
+        for key in ("name", "model_kwargs", "num_classes", "input_size", "weights"):
+            if old["model"].get(key) != new["model"][key]:
+                diffs.append(f"model {key}: run has {old['model'].get(key)!r}, this command {new['model'][key]!r}")
+        if old["data"]["fingerprint"] != new["data"]["fingerprint"]:
+            diffs.append(f"data: the image listing of {new['data']['url']} differs from the one the run used ({old['data']['url']})")
+        if old["precision"] != new["precision"]:
+            diffs.append(f"precision: run has {old['precision']}, this command {new['precision']}")
+        if old["plan"]["hash"] != new["plan"]["hash"]:
+            diffs.append(f"units: run has unit_images={old['plan']['unit_images']}, unit_layers={old['plan']['unit_layers']}")
+        if diffs:
+            raise RunMismatch(f"--out {self.job.out} already holds a run with other settings:\n  " + "\n  ".join(diffs)
+                              + "\nuse a new --out, or the same model, data and config to resume it")
+
+    # -- units ------------------------------------------------------------------------------
+    def predict_units(self) -> list[Unit]:
+        ids = [r.image_id for r in self.source.records]
+        return [Unit("predict", k, s) for k, s in enumerate(shards(ids, self.cfg.unit_images))]
+
+    def selected(self) -> list[int]:
+        preds = self.run.read_folder("predictions", columns=["image_id", "correct"])
+        correct = preds.filter(preds["correct"])["image_id"].to_pylist()
+        if not correct:
+            raise DataError(f"none of the {preds.num_rows} readable images of {self.job.data} is classified correctly by "
+                            f"{self.job.model.name}; check --checkpoint, --num-classes and that class folders follow "
+                            "the model's class order")
+        return select_images(correct, self.cfg.tp_ratio, self.cfg.seed)
+
+    def mask_units(self, selected: list[int]) -> list[Unit]:
+        """One unit per mask batch: masks optimised together must always be the same images."""
+        return [Unit("mask", k, s) for k, s in enumerate(shards(selected, self.cfg.mask_batch))]
+
+    def scan_units(self, selected: list[int]) -> list[Unit]:
+        ranges = layer_ranges(self.adapter.num_layers, self.cfg.unit_layers)
+        size, batch = self.cfg.unit_images, self.cfg.mask_batch
+        units = []
+        for k, ids in enumerate(shards(selected, size)):
+            first, last = k * size // batch, (k * size + len(ids) - 1) // batch
+            inputs = tuple(Unit("mask", g, ()).file for g in range(first, last + 1))
+            units += [Unit("scan", k, ids, r, inputs) for r in ranges]
+        return units
+
+    def missing(self, units: list[Unit]) -> list[Unit]:
+        done = set()
+        for folder in {u.file.split("/")[0] for u in units}:
+            done |= {f"{folder}/{n}" for n in self.run.list(folder)}
+        return [u for u in units if u.file not in done]
+
+    # -- stages ---------------------------------------------------------------------------
+    def run_stage(self, name: str, units: list[Unit], work_per_unit: Callable[[Unit], int], unit_name: str) -> None:
+        todo = self.missing(units)
+        total = sum(work_per_unit(u) for u in units)
+        done_work = total - sum(work_per_unit(u) for u in todo)
+        if not todo:
+            return
+        with progress_bar(name, total, done_work, unit_name, self.progress) as bar:
+            for i, unit in enumerate(todo):
+                bar.set_postfix_str(f"units {len(units) - len(todo) + i}/{len(units)}")
+                self.worker.run_unit(unit, bar.update)
+            bar.set_postfix_str(f"units {len(units)}/{len(units)}")
+
+    def run_all(self) -> None:
+        """Every stage in order; each skips what is already on disk."""
+        self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
+        selected = self.selected()
+        self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+        heads_in = {r: sum(n for l, n in enumerate(self.adapter.heads_per_layer) if r[0] <= l < r[1])
+                    for r in layer_ranges(self.adapter.num_layers, self.cfg.unit_layers)}
+        self.run_stage("scan", self.scan_units(selected), lambda u: len(u.image_ids) * heads_in[u.layers], "pair")
+        self.rank(selected)
+
+    def rank(self, selected: list[int]) -> pa.Table:
+        """Aggregate deltas/ into rankings.parquet (rewritten whenever the scan is complete)."""
+        missing = self.missing(self.scan_units(selected))
+        if missing:
+            raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
+        rankings = aggregate(self.run.read_folder("deltas", columns=["image_id", "layer", "head", "delta"]),
+                             self.adapter.heads, self.cfg)
+        self.run.write_table("rankings.parquet", rankings)
+        return rankings
+
+
+def aggregate(deltas: pa.Table, heads: list[tuple[int, int]], cfg: Config) -> pa.Table:
+    """Rankings from a deltas table: one row per head, ordered by rank (highest score first)."""
+    layer = deltas["layer"].to_numpy()
+    head = deltas["head"].to_numpy()
+    image = deltas["image_id"].to_numpy()
+    delta = deltas["delta"].to_numpy()
+    order = np.lexsort((image, head, layer))
+    n_images = len(np.unique(image))
+    expected = np.repeat(np.array(heads, dtype=np.int64).reshape(-1, 2), n_images, axis=0)
+    found = np.stack([layer[order], head[order]], axis=1) if len(order) == len(expected) else None
+    if found is None or not (found == expected).all() or not (image[order].reshape(len(heads), -1) == image[order][:n_images]).all():
+        raise RuntimeError(f"deltas hold {len(order)} rows, not every one of {len(heads)} heads once per each of "
+                           f"{n_images} images: remove the run's deltas/ folder and scan again")
+    matrix = delta[order].reshape(len(heads), n_images)
+    stats = head_scores(matrix, bootstrap=cfg.bootstrap, ci_level=cfg.ci_level, seed=cfg.seed)
+    rank = ranks(stats["score"])
+    table = pa.table({
+        "layer": pa.array([l for l, _ in heads], pa.int32()),
+        "head": pa.array([h for _, h in heads], pa.int32()),
+        **{k: pa.array(stats[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
+        "n": pa.array(stats["n"], pa.int64()),
+        "rank": pa.array(rank, pa.int64()),
+    })
+    return table.sort_by("rank")
+
+
+def progress_bar(stage: str, total: int, initial: int, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{stage:>7}", unit=unit, unit_scale=True,
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+

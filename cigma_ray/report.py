@@ -1,0 +1,53 @@
+"""What a run shows a person: the summary and the top heads, as plain-text tables."""
+from __future__ import annotations
+
+import numpy as np
+
+from .method import bir_summary
+from .storage import RunDir, StorageError
+
+
+def format_table(header: list[str], rows: list[list], aligns: str | None = None) -> str:
+    """A fixed-width text table; `aligns` has one 'l' or 'r' per column."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    aligns = aligns or "l" * len(header)
+    def line(r):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, aligns)).rstrip()
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def run_summary(run: RunDir) -> str:
+    meta = run.read_json("run.json")
+    lines = [f"run       {run.url}",
+             f"model     {meta['model']['name']} ({meta['model']['weights']}, {meta['precision']})",
+             f"data      {meta['data']['url']} ({meta['data']['n_images']} images, {len(meta['data']['classes'])} classes)"]
+    preds = run.read_folder("predictions", columns=["correct"])
+    if preds is not None:
+        correct = int(np.sum(preds["correct"].to_numpy(zero_copy_only=False)))
+        lines.append(f"accuracy  {correct / max(preds.num_rows, 1):.3f} ({correct}/{preds.num_rows} correct)")
+    masks = run.read_folder("masks", columns=["fig", "big"])
+    if masks is not None and masks.num_rows:
+        s = bir_summary(masks["fig"].to_numpy(), masks["big"].to_numpy())
+        lines.append(f"D         {masks.num_rows} images; mean FIG {np.mean(masks['fig'].to_numpy()):.4f}, "
+                     f"mean BIG {np.mean(masks['big'].to_numpy()):.4f}, BIR {s['bir_mean']:.3f} (mean), "
+                     f"{s['bir_ratio']:.3f} (ratio of means)")
+    failures = run.read_folder("failures", columns=["image_id"], names=run.list("failures"))
+    if failures is not None and failures.num_rows:
+        n = failures.num_rows
+        lines.append(f"failures  {n} image{'s' if n > 1 else ''} could not be read (see failures/)")
+    return "\n".join(lines)
+
+
+def print_top(run: RunDir, top: int | None = None) -> None:
+    if not run.exists("rankings.parquet"):
+        raise StorageError(f"{run.url} has no rankings.parquet yet; finish the run by running the same scan command again")
+    meta = run.read_json("run.json")
+    top = top or meta["config"]["top_k"]
+    ranking = run.read_table("rankings.parquet").sort_by("rank").slice(0, top).to_pylist()
+    level = meta["config"]["ci_level"]
+    rows = [[r["rank"], r["layer"], r["head"], f"{r['score']:+.5f}", f"{r['stderr']:.5f}",
+             f"[{r['ci_low']:+.5f}, {r['ci_high']:+.5f}]", r["n"]] for r in ranking]
+    print(run_summary(run))
+    print(f"\ntop {len(rows)} heads by CIGMA score (mean drop in BIG when the head is ablated):")
+    print(format_table(["rank", "layer", "head", "score", "stderr", f"{level:.0%} CI (bootstrap)", "n"], rows, "rrrrrlr"))

@@ -1,0 +1,91 @@
+"""The run directory (DESIGN section 3): Parquet and JSON files under one URL, through fsspec.
+
+Every file is written whole and atomically: to a temporary name and renamed on local disks, as
+one PUT on object storage. A unit's file name derives from the unit, so a retried unit
+overwrites itself and resuming is "list what exists, skip it".
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(ValueError):
+    """A run directory that cannot be used; the message names the URL and the fix."""
+
+
+class RunDir:
+    """A run directory at a local path or fsspec URL."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise StorageError(f"--out {url}: {e}") from None
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            self.root = os.path.abspath(self.root)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def list(self, folder: str, suffix: str = ".parquet") -> list[str]:
+        """Names (not paths) of the finished files in a folder, sorted; temporaries are ignored."""
+        p = self.path(folder)
+        if not self.fs.exists(p):
+            return []
+        names = [posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False)]
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = posixpath.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
+
+    def read_folder(self, folder: str, columns: list[str] | None = None, names: list[str] | None = None) -> pa.Table:
+        """All finished Parquet files of a folder as one table (in file-name order)."""
+        names = self.list(folder) if names is None else names
+        tables = [self.read_table(posixpath.join(folder, n), columns) for n in names]
+        return pa.concat_tables(tables) if tables else None
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)

@@ -1,0 +1,47 @@
+"""Test helpers: tiny random timm models with informative outputs, and generated image data."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Small ViT family members: name -> kwargs for timm.create_model (all 32 px inputs).
+VIT_KINDS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)),
+    "vit_avg": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                                             global_pool="avg", class_token=False, fc_norm=True)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)),
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, embed_dim=48, depth=3, num_heads=3,
+                                                         init_values=0.5)),
+}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Random init makes near-uniform outputs; adding noise makes every head matter visibly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def write_folder(root, classes=("a", "b", "c"), per_class=6, size=32, seed=0, broken=()):
+    """An ImageFolder tree of class-tinted noise images; `broken` names files written as garbage."""
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3)).astype(np.float64)
+            img[..., k % 3] = img[..., k % 3] * 0.5 + 127
+            Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, c, f"{i:03d}.png"))
+    for rel in broken:
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(b"this is not an image")
+    return str(root)
+
+
+def model_args(kwargs: dict) -> list[str]:
+    """CLI --model-kwargs values for a kwargs dict."""
+    return [f"{k}={v}" for k, v in kwargs.items()]

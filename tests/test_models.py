@@ -1,0 +1,117 @@
+"""Adapters: embed -> blocks -> readout equals the model, and the keep-mask equals weight zeroing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cigma_ray.engine.reference import zeroed_head
+from cigma_ray.models import ModelError, ModelSpec, load
+from cigma_ray.models.timm_generic import find_attentions
+
+from helpers import VIT_KINDS, perturb
+
+
+def loaded(kind: str, num_classes: int = 5):
+    name, kwargs = VIT_KINDS[kind]
+    lm = load(ModelSpec(f"timm:{name}", random_weights=True, num_classes=num_classes, model_kwargs=kwargs))
+    perturb(lm.adapter.model)
+    return lm
+
+
+@pytest.mark.parametrize("kind", list(VIT_KINDS))
+def test_prefix_path_equals_forward(kind):
+    a = loaded(kind).adapter
+    assert a.supports_prefix
+    x = torch.randn(4, 3, *a.input_size)
+    tokens = a.embed(x)
+    for layer in range(a.num_layers):
+        tokens = a.block(layer, tokens)
+    torch.testing.assert_close(a.readout(tokens), a.model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(VIT_KINDS))
+def test_keep_mask_equals_weight_zeroing(kind):
+    a = loaded(kind).adapter
+    x = torch.randn(3, 3, *a.input_size)
+    attns = [b.attn for b in a.model.blocks]
+    for layer, head in [(0, 0), (a.num_layers - 1, a.heads_per_layer[-1] - 1), (1, 1)]:
+        keep = torch.ones(3, a.heads_per_layer[layer])
+        keep[:, head] = 0
+        masked = a.logits(x, {layer: keep})
+        with zeroed_head(attns[layer], head):
+            zeroed = a.model(x)
+        assert (masked - a.model(x)).abs().max() > 1e-3  # the head matters, so the check means something
+        torch.testing.assert_close(masked, zeroed, rtol=0, atol=1e-5)
+
+
+def test_per_sample_keep_masks_are_independent():
+    a = loaded("vit").adapter
+    x = torch.randn(3, 3, *a.input_size)
+    keep = torch.ones(3, 3)
+    keep[1, 2] = 0
+    out = a.logits(x, {1: keep})
+    torch.testing.assert_close(out[[0, 2]], a.model(x[[0, 2]]), rtol=0, atol=1e-6)
+    single = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(out[1:2], a.logits(x[1:2], {1: single}), rtol=0, atol=1e-6)
+
+
+def test_gates_leave_model_untouched_after_use():
+    a = loaded("vit").adapter
+    x = torch.randn(2, 3, *a.input_size)
+    before = a.model(x)
+    a.logits(x, {0: torch.zeros(2, 3)})
+    torch.testing.assert_close(a.model(x), before, rtol=0, atol=0)
+
+
+def test_heads_listing():
+    a = loaded("dinov2_reg").adapter
+    assert a.heads == [(l, h) for l in range(3) for h in range(3)]
+    assert a.input_size == (28, 28)
+
+
+def test_generic_adapter_on_windowed_attention():
+    """Swin folds windows into the batch; the keep-mask must follow each image's windows."""
+    lm = load(ModelSpec("timm:swin_tiny_patch4_window7_224", random_weights=True, num_classes=4,
+                        model_kwargs=dict(img_size=32, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(2, 3))))
+    a = perturb(lm.adapter.model) and lm.adapter
+    assert not a.supports_prefix and a.heads_per_layer == [2, 3]
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    out = a.logits(x, {1: keep})
+    with zeroed_head(find_attentions(a.model)[1], 1):
+        torch.testing.assert_close(out[1], a.model(x)[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[0], a.model(x)[0], rtol=0, atol=1e-6)
+
+
+def test_model_input_size_is_the_models_own():
+    lm = load(ModelSpec("timm:vit_small_patch14_dinov2", random_weights=True, num_classes=2,
+                        model_kwargs=dict(img_size=56, depth=1)))
+    assert lm.adapter.input_size == (56, 56)
+    assert lm.transform.transforms[-3].size == (56, 56)  # the centre crop
+
+
+@pytest.mark.parametrize("spec, message", [
+    (ModelSpec("torchvision:resnet50", random_weights=True), "unknown model family"),
+    (ModelSpec("timm:vit_nonexistent_model", random_weights=True), "timm has no model"),
+    (ModelSpec("timm:vit_tiny_patch16_224", checkpoint="/nonexistent/weights.pth"), "file not found"),
+    (ModelSpec("timm:resnet18", random_weights=True, num_classes=2), "no timm attention modules"),
+    (ModelSpec("timm:vit_tiny_patch16_224", random_weights=True, model_kwargs={"not_an_arg": 1}), "--model-kwargs"),
+])
+def test_bad_models_are_named(spec, message):
+    with pytest.raises(ModelError, match=message):
+        load(spec)
+
+
+def test_checkpoint_that_does_not_fit(tiny_checkpoint):
+    path, name, kwargs = tiny_checkpoint
+    with pytest.raises(ModelError, match="does not fit"):
+        load(ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs={**kwargs, "depth": 2}))
+    lm = load(ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs))
+    assert lm.num_classes == 3  # read from the checkpoint's head
+    assert lm.fingerprint["weights"].startswith("sha256:")
+
+
+def test_missing_pretrained_weights_say_how_to_provide_them(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--checkpoint FILE"):
+        load(ModelSpec("timm:vit_tiny_patch16_224", model_kwargs={"depth": 1}))
