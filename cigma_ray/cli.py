@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import yaml
@@ -55,9 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--data", required=True, help="ImageFolder directory or Parquet table")
     scan.add_argument("--out", required=True, help="run directory")
     scan.add_argument("--config", help="YAML file of config keys (see README)")
-    scan.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    scan.add_argument("--device", help="cpu or cuda[:N] (default cpu; on Ray, cuda for replicas that hold GPUs)")
     scan.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     scan.add_argument("--quiet", action="store_true", help="no progress bars")
+    scan.add_argument("--address", help="run on Ray: local (start Ray here), auto (this machine's cluster), "
+                      "HOST:PORT or ray://HOST:PORT; without it everything runs in this process")
+    scan.add_argument("--replicas", type=int, help="model replicas (default: as many as the cluster fits)")
+    scan.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)")
+    scan.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default 1)")
+
+    status = sub.add_parser("status", help="what a run has finished, what is missing and what failed")
+    status.add_argument("run", help="run directory")
 
     show = sub.add_parser("show", help="print the top heads of a run with scores and intervals")
     show.add_argument("run", help="run directory")
@@ -77,22 +86,44 @@ def cmd_scan(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     spec = ModelSpec(name=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
                      model_kwargs=parse_kwargs(args.model_kwargs), random_weights=args.random_weights, seed=cfg.seed)
-    job = Job(model=spec, data=args.data, out=args.out, config=cfg, device=check_device(args.device),
-              precision=args.precision)
-    pipeline = Pipeline(job, progress=not args.quiet)
-    pipeline.run_all()
+    if args.address is None:
+        job = Job(model=spec, data=args.data, out=args.out, config=cfg, device=check_device(args.device or "cpu"),
+                  precision=args.precision)
+        pipeline = Pipeline(job, progress=not args.quiet)
+        pipeline.run_all()
+    else:
+        from .distributed import check_address, run_on_ray
+
+        check_address(args.address)
+        # the driver only validates (model on its CPU); replicas use --device, or CUDA when they hold GPUs
+        job = Job(model=spec, data=args.data, out=args.out, config=cfg, device=args.device or "cpu",
+                  precision=args.precision)
+        pipeline = Pipeline(job, progress=not args.quiet, load_device="cpu")
+        run_on_ray(pipeline, args.address, args.replicas, args.cpus_per_replica, args.gpus_per_replica)
     print_top(pipeline.run, cfg.top_k)
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from .report import print_top
+def cmd_status(args: argparse.Namespace) -> int:
+    from .report import print_status
+
+    print_status(open_run(args.run))
+    return 0
+
+
+def open_run(url: str):
     from .storage import RunDir
 
-    run = RunDir(args.run)
+    run = RunDir(url)
     if not run.exists("run.json"):
-        raise StorageError(f"{args.run} is not a run directory (no run.json); run `cigma-ray scan ... --out {args.run}` first")
-    print_top(run, args.top)
+        raise StorageError(f"{url} is not a run directory (no run.json); run `cigma-ray scan ... --out {url}` first")
+    return run
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .report import print_top
+
+    print_top(open_run(args.run), args.top)
     return 0
 
 
@@ -104,12 +135,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .pipeline import UnitsFailed
+
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo}
     try:
-        return {"scan": cmd_scan, "show": cmd_show, "demo": cmd_demo}[args.command](args)
+        return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"cigma-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except UnitsFailed as e:
+        retry = " ".join(shlex.quote(a) for a in ["cigma-ray", *argv])
+        print(f"cigma-ray {args.command}: {e}\nthe rest of the run is saved; once the cause is fixed, retry the failed "
+              f"units with the same command:\n  {retry}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class Config:
     batch_size: int = 64
     unit_images: int = 64
     unit_layers: int = 0
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         checks = {
@@ -55,6 +56,7 @@ class Config:
             "batch_size": self.batch_size >= 1,
             "unit_images": self.unit_images >= 1,
             "unit_layers": self.unit_layers >= 0,
+            "max_attempts": self.max_attempts >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -92,6 +94,7 @@ RANGES = {
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",
+    "max_attempts": "tries per unit on a cluster before it is given up, an integer >= 1",
 }
 
 

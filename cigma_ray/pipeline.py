@@ -52,6 +52,7 @@ class Unit:
     image_ids: tuple[int, ...]
     layers: tuple[int, int] | None = None
     inputs: tuple[str, ...] = ()  # run-directory files the unit reads (a scan unit's masks)
+    heads: tuple[tuple[int, int], ...] = ()  # a scan unit's heads
 
     @property
     def file(self) -> str:
@@ -63,7 +64,13 @@ class Unit:
 
     @property
     def failure_file(self) -> str:
+        """Images of this unit that could not be read."""
         return f"failures/{self.file.replace('/', '-')}"
+
+    @property
+    def failure_record(self) -> str:
+        """This unit, when it failed for good."""
+        return f"failures/unit-{self.file.replace('/', '-')}"
 
 
 def shards(ids: list[int], size: int) -> list[tuple[int, ...]]:
@@ -102,9 +109,9 @@ class Worker:
         records = [self.source.records[i] for i in unit.image_ids]
         images, ok, failed = self.source.load(records, self.loaded.transform)
         if failed:
-            self.run.write_table(unit.failure_file, pa.table({
-                "image_id": [r.image_id for r, _ in failed], "path": [r.path for r, _ in failed],
-                "stage": [unit.stage] * len(failed), "error": [e for _, e in failed]}))
+            self.run.write_table(unit.failure_file, failure_table(
+                [dict(kind="image", unit=unit.file, image_id=r.image_id, path=r.path, stage=unit.stage, error=e)
+                 for r, e in failed]))
         return images, ok
 
     def run_unit(self, unit: Unit, on_progress: Callable[[int], None] | None = None) -> dict:
@@ -159,7 +166,7 @@ class Worker:
             return empty_deltas_table()
         side = self.cfg.mask_size
         fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(len(ids), side, side)
-        heads = [(l, h) for (l, h) in self.loaded.adapter.heads if unit.layers[0] <= l < unit.layers[1]]
+        heads = list(unit.heads)
         ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress).numpy().astype(np.float64)
         big = masks["big"].to_numpy()
         n = len(ids)
@@ -171,6 +178,16 @@ class Worker:
             "big_ablated": pa.array(ablated.reshape(-1), pa.float64()),
             "delta": pa.array((big[None, :] - ablated).reshape(-1), pa.float64()),
         })
+
+
+FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("unit", pa.string()), ("stage", pa.string()),
+                            ("image_id", pa.int64()), ("path", pa.string()), ("attempts", pa.int64()),
+                            ("error", pa.string())])
+
+
+def failure_table(rows: list[dict]) -> pa.Table:
+    """failures/ rows: kind "image" (unreadable, skipped) or "unit" (failed max_attempts times)."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in FAILURE_SCHEMA.names} for r in rows], schema=FAILURE_SCHEMA)
 
 
 def empty_masks_table() -> pa.Table:
@@ -188,18 +205,20 @@ def empty_deltas_table() -> pa.Table:
 class Pipeline:
     """A run directory being filled: validates everything up front, then runs missing units."""
 
-    def __init__(self, job: Job, progress: bool = True):
+    def __init__(self, job: Job, progress: bool = True, executor=None, load_device: str | None = None):
         self.job = job
         self.cfg = job.config
         self.progress = progress
+        self.executor = executor  # None: units run in this process
         self.source = open_source(job.data)
-        self.loaded = load(job.model, job.device)
+        self.loaded = load(job.model, load_device or job.device)
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter
         self._worker: Worker | None = None
+        self.run.check()
         self.manifest = self._manifest()
-        self._claim_run_dir()
+        self._check_compatible()
 
     @property
     def worker(self) -> Worker:
@@ -222,9 +241,8 @@ class Pipeline:
             "plan": {**plan, "hash": plan_hash(plan)},
         }
 
-    def _claim_run_dir(self) -> None:
+    def _check_compatible(self) -> None:
         if not self.run.exists("run.json"):
-            self.run.write_json("run.json", self.manifest)
             return
         old, new = self.run.read_json("run.json"), self.manifest
         diffs = [f"{k}: run has {old['config'].get(k)!r}, this command {new['config'][k]!r}"
@@ -244,8 +262,7 @@ class Pipeline:
 
     # -- units ------------------------------------------------------------------------------
     def predict_units(self) -> list[Unit]:
-        ids = [r.image_id for r in self.source.records]
-        return [Unit("predict", k, s) for k, s in enumerate(shards(ids, self.cfg.unit_images))]
+        return predict_units(len(self.source), self.cfg)
 
     def selected(self) -> list[int]:
         preds = self.run.read_folder("predictions", columns=["image_id", "correct"])
@@ -257,83 +274,157 @@ class Pipeline:
         return select_images(correct, self.cfg.tp_ratio, self.cfg.seed)
 
     def mask_units(self, selected: list[int]) -> list[Unit]:
-        """One unit per mask batch: masks optimised together must always be the same images."""
-        return [Unit("mask", k, s) for k, s in enumerate(shards(selected, self.cfg.mask_batch))]
+        return mask_units(selected, self.cfg)
 
     def scan_units(self, selected: list[int]) -> list[Unit]:
-        ranges = layer_ranges(self.adapter.num_layers, self.cfg.unit_layers)
-        size, batch = self.cfg.unit_images, self.cfg.mask_batch
-        units = []
-        for k, ids in enumerate(shards(selected, size)):
-            first, last = k * size // batch, (k * size + len(ids) - 1) // batch
-            inputs = tuple(Unit("mask", g, ()).file for g in range(first, last + 1))
-            units += [Unit("scan", k, ids, r, inputs) for r in ranges]
-        return units
+        return scan_units(selected, self.cfg, self.adapter.heads_per_layer)
 
     def missing(self, units: list[Unit]) -> list[Unit]:
-        done = set()
-        for folder in {u.file.split("/")[0] for u in units}:
-            done |= {f"{folder}/{n}" for n in self.run.list(folder)}
-        return [u for u in units if u.file not in done]
+        return missing_units(self.run, units)
 
     # -- stages ---------------------------------------------------------------------------
-    def run_stage(self, name: str, units: list[Unit], work_per_unit: Callable[[Unit], int], unit_name: str) -> None:
+    def run_stage(self, name: str, units: list[Unit], work_of: Callable[[Unit], int], unit_name: str) -> None:
+        """Run the stage's missing units, here or on the executor's replicas, with a progress bar."""
         todo = self.missing(units)
-        total = sum(work_per_unit(u) for u in units)
-        done_work = total - sum(work_per_unit(u) for u in todo)
         if not todo:
             return
-        with progress_bar(name, total, done_work, unit_name, self.progress) as bar:
-            for i, unit in enumerate(todo):
-                bar.set_postfix_str(f"units {len(units) - len(todo) + i}/{len(units)}")
-                self.worker.run_unit(unit, bar.update)
-            bar.set_postfix_str(f"units {len(units)}/{len(units)}")
+        total = sum(work_of(u) for u in units)
+        state = {"done": len(units) - len(todo), "retries": 0}
+        with progress_bar(name, total, total - sum(work_of(u) for u in todo), unit_name, self.progress) as bar:
+            def status() -> None:
+                retries = f", {state['retries']} retries" if state["retries"] else ""
+                bar.set_postfix_str(f"units {state['done']}/{len(units)}{retries}")
+
+            def done(unit: Unit, receipt: dict, counted: bool = False) -> None:
+                state["done"] += 1
+                if not counted:
+                    bar.update(work_of(unit))
+                self.run.remove(unit.failure_record)  # a unit given up on earlier has now succeeded
+                status()
+
+            def retry(unit: Unit, error: str) -> None:
+                state["retries"] += 1
+                status()
+
+            status()
+            if self.executor is None:
+                for unit in todo:
+                    done(unit, self.worker.run_unit(unit, bar.update), counted=True)
+                return
+            failures = self.executor.run(todo, done, retry)
+        if failures:
+            for f in failures:
+                self.run.write_table(f.unit.failure_record, failure_table(
+                    [dict(kind="unit", unit=f.unit.file, stage=f.unit.stage, attempts=f.attempts, error=f.error)]))
+            raise UnitsFailed(failures)
 
     def run_all(self) -> None:
         """Every stage in order; each skips what is already on disk."""
+        if not self.run.exists("run.json"):
+            self.run.write_json("run.json", self.manifest)
         self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
         selected = self.selected()
         self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
-        heads_in = {r: sum(n for l, n in enumerate(self.adapter.heads_per_layer) if r[0] <= l < r[1])
-                    for r in layer_ranges(self.adapter.num_layers, self.cfg.unit_layers)}
-        self.run_stage("scan", self.scan_units(selected), lambda u: len(u.image_ids) * heads_in[u.layers], "pair")
+        self.run_stage("scan", self.scan_units(selected), lambda u: len(u.image_ids) * len(u.heads), "pair")
         self.rank(selected)
 
     def rank(self, selected: list[int]) -> pa.Table:
-        """Aggregate deltas/ into rankings.parquet (rewritten whenever the scan is complete)."""
-        missing = self.missing(self.scan_units(selected))
+        """Aggregate deltas/ into rankings.parquet, one layer range at a time (bounded memory)."""
+        units = self.scan_units(selected)
+        missing = self.missing(units)
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
-        rankings = aggregate(self.run.read_folder("deltas", columns=["image_id", "layer", "head", "delta"]),
-                             self.adapter.heads, self.cfg)
-        self.run.write_table("rankings.parquet", rankings)
-        return rankings
+        parts = []
+        for layers in layer_ranges(self.adapter.num_layers, self.cfg.unit_layers):
+            files = [u.file.split("/", 1)[1] for u in units if u.layers == layers]
+            deltas = self.run.read_folder("deltas", ["image_id", "layer", "head", "delta"], names=files)
+            parts.append(head_table(deltas, [h for h in self.adapter.heads if layers[0] <= h[0] < layers[1]], self.cfg))
+        table = pa.concat_tables(parts)
+        table = table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
+        self.run.write_table("rankings.parquet", table)
+        return table
 
 
-def aggregate(deltas: pa.Table, heads: list[tuple[int, int]], cfg: Config) -> pa.Table:
-    """Rankings from a deltas table: one row per head, ordered by rank (highest score first)."""
+class UnitsFailed(RuntimeError):
+    """Some units failed `max_attempts` times; the rest of their stage is done."""
+
+    def __init__(self, failures: list):
+        self.failures = failures
+        listed = "\n  ".join(f"{f.unit.file} ({f.attempts} attempts): {f.error.splitlines()[0] if f.error else ''}"
+                             for f in failures[:10])
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        super().__init__(f"{len(failures)} unit(s) failed for good (recorded in failures/):\n  {listed}{more}")
+
+
+def predict_units(n_images: int, cfg: Config) -> list[Unit]:
+    return [Unit("predict", k, s) for k, s in enumerate(shards(list(range(n_images)), cfg.unit_images))]
+
+
+def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
+    """One unit per mask batch: masks optimised together must always be the same images."""
+    return [Unit("mask", k, s) for k, s in enumerate(shards(selected, cfg.mask_batch))]
+
+
+def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int]) -> list[Unit]:
+    """Image shards x layer ranges; each unit names the mask files that hold its images."""
+    size, batch = cfg.unit_images, cfg.mask_batch
+    units = []
+    for k, ids in enumerate(shards(selected, size)):
+        first, last = k * size // batch, (k * size + len(ids) - 1) // batch
+        inputs = tuple(Unit("mask", g, ()).file for g in range(first, last + 1))
+        for a, b in layer_ranges(len(heads_per_layer), cfg.unit_layers):
+            heads = tuple((l, h) for l in range(a, b) for h in range(heads_per_layer[l]))
+            units.append(Unit("scan", k, ids, (a, b), inputs, heads))
+    return units
+
+
+def run_status(run: RunDir) -> dict:
+    """What a run has finished, what it still misses and what failed, from its files alone."""
+    meta = run.read_json("run.json")
+    cfg = Config(**meta["config"])
+    plan = meta["plan"]
+    stages = {}
+    predict = predict_units(plan["n_images"], cfg)
+    stages["predict"] = (len(predict) - len(missing_units(run, predict)), len(predict))
+    if stages["predict"][0] == stages["predict"][1]:
+        preds = run.read_folder("predictions", columns=["image_id", "correct"])
+        correct = preds.filter(preds["correct"])["image_id"].to_pylist()
+        selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
+        for name, units in (("mask", mask_units(selected, cfg)), ("scan", scan_units(selected, cfg, plan["heads_per_layer"]))):
+            stages[name] = (len(units) - len(missing_units(run, units)), len(units))
+    failures = run.read_folder("failures")
+    return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"),
+            "failures": failures.to_pylist() if failures is not None else []}
+
+
+def missing_units(run: RunDir, units: list[Unit]) -> list[Unit]:
+    done = set()
+    for folder in {u.file.split("/")[0] for u in units}:
+        done |= {f"{folder}/{n}" for n in run.list(folder)}
+    return [u for u in units if u.file not in done]
+
+
+def head_table(deltas: pa.Table, heads: list[tuple[int, int]], cfg: Config) -> pa.Table:
+    """Score, stderr and interval of each head from its deltas rows (every head once per image)."""
     layer = deltas["layer"].to_numpy()
     head = deltas["head"].to_numpy()
     image = deltas["image_id"].to_numpy()
-    delta = deltas["delta"].to_numpy()
     order = np.lexsort((image, head, layer))
     n_images = len(np.unique(image))
     expected = np.repeat(np.array(heads, dtype=np.int64).reshape(-1, 2), n_images, axis=0)
-    found = np.stack([layer[order], head[order]], axis=1) if len(order) == len(expected) else None
-    if found is None or not (found == expected).all() or not (image[order].reshape(len(heads), -1) == image[order][:n_images]).all():
-        raise RuntimeError(f"deltas hold {len(order)} rows, not every one of {len(heads)} heads once per each of "
+    ok = len(order) == len(expected) and (np.stack([layer[order], head[order]], axis=1) == expected).all() \
+        and (image[order].reshape(len(heads), -1) == image[order][:n_images]).all()
+    if not ok:
+        raise RuntimeError(f"deltas hold {len(order)} rows, not each of {len(heads)} heads once per each of "
                            f"{n_images} images: remove the run's deltas/ folder and scan again")
-    matrix = delta[order].reshape(len(heads), n_images)
+    matrix = deltas["delta"].to_numpy()[order].reshape(len(heads), n_images)
     stats = head_scores(matrix, bootstrap=cfg.bootstrap, ci_level=cfg.ci_level, seed=cfg.seed)
-    rank = ranks(stats["score"])
-    table = pa.table({
+    return pa.table({
         "layer": pa.array([l for l, _ in heads], pa.int32()),
         "head": pa.array([h for _, h in heads], pa.int32()),
         **{k: pa.array(stats[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
         "n": pa.array(stats["n"], pa.int64()),
-        "rank": pa.array(rank, pa.int64()),
     })
-    return table.sort_by("rank")
 
 
 def progress_bar(stage: str, total: int, initial: int, unit: str, enabled: bool):

@@ -32,10 +32,14 @@ def run_summary(run: RunDir) -> str:
         lines.append(f"D         {masks.num_rows} images; mean FIG {np.mean(masks['fig'].to_numpy()):.4f}, "
                      f"mean BIG {np.mean(masks['big'].to_numpy()):.4f}, BIR {s['bir_mean']:.3f} (mean), "
                      f"{s['bir_ratio']:.3f} (ratio of means)")
-    failures = run.read_folder("failures", columns=["image_id"], names=run.list("failures"))
+    failures = run.read_folder("failures", columns=["kind"])
     if failures is not None and failures.num_rows:
-        n = failures.num_rows
-        lines.append(f"failures  {n} image{'s' if n > 1 else ''} could not be read (see failures/)")
+        kinds = failures["kind"].to_pylist()
+        images, units = kinds.count("image"), kinds.count("unit")
+        if images:
+            lines.append(f"failures  {images} image{'s' if images > 1 else ''} could not be read (see failures/)")
+        if units:
+            lines.append(f"failures  {units} unit{'s' if units > 1 else ''} failed for good (see failures/)")
     return "\n".join(lines)
 
 
@@ -51,3 +55,21 @@ def print_top(run: RunDir, top: int | None = None) -> None:
     print(run_summary(run))
     print(f"\ntop {len(rows)} heads by CIGMA score (mean drop in BIG when the head is ablated):")
     print(format_table(["rank", "layer", "head", "score", "stderr", f"{level:.0%} CI (bootstrap)", "n"], rows, "rrrrrlr"))
+
+
+def print_status(run: RunDir) -> None:
+    from .pipeline import run_status
+
+    status = run_status(run)
+    print(run_summary(run))
+    print()
+    for stage, (done, total) in status["stages"].items():
+        print(f"{stage:<8} {done}/{total} units{'' if done == total else f'  ({total - done} missing)'}")
+    if "mask" not in status["stages"]:
+        print("mask, scan: planned once predict is complete")
+    print(f"ranked   {'yes' if status['ranked'] else 'no'}")
+    units = [f for f in status["failures"] if f["kind"] == "unit"]
+    for f in units:
+        print(f"failed   {f['unit']} after {f['attempts']} attempts: {(f['error'] or '').splitlines()[0] if f['error'] else ''}")
+    if units:
+        print("run the same scan command again to retry the failed units")

@@ -36,6 +36,24 @@ class RunDir:
         if self.local:
             self.root = os.path.abspath(self.root)
 
+    def check(self) -> None:
+        """Fail early on object storage that cannot be reached: no bucket, no credentials."""
+        if self.local:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise StorageError(f"--out {self.url}: bucket {bucket!r} does not exist; create it first") from None
+        except PermissionError as e:
+            raise StorageError(f"--out {self.url}: access to bucket {bucket!r} denied ({e}); check the credentials' permissions") from None
+        except Exception as e:  # noqa: BLE001 - botocore raises credential errors of several types
+            if "credential" in f"{type(e).__name__} {e}".lower():
+                raise StorageError(f"--out {self.url}: no usable credentials ({e}); set AWS_ACCESS_KEY_ID and "
+                                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role applies") from None
+            raise StorageError(f"--out {self.url}: cannot reach the bucket ({type(e).__name__}: {e}); for an S3-compatible "
+                               "store set AWS_ENDPOINT_URL") from None
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -45,6 +63,7 @@ class RunDir:
     def list(self, folder: str, suffix: str = ".parquet") -> list[str]:
         """Names (not paths) of the finished files in a folder, sorted; temporaries are ignored."""
         p = self.path(folder)
+        self.fs.invalidate_cache(p)  # other processes write here: never trust a cached listing
         if not self.fs.exists(p):
             return []
         names = [posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False)]

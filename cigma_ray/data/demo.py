@@ -79,10 +79,10 @@ def make_image(rng: np.random.Generator, label: int, background: int) -> np.ndar
     its colour is very dark or very bright so it always stands out from the mid-tone background.
     """
     img = Image.fromarray(np.clip(_background(rng, background), 0, 255).astype(np.uint8))
-    side = rng.uniform(0.22, 0.34) * IMAGE_SIZE
+    side = rng.uniform(0.28, 0.38) * IMAGE_SIZE
     r = side / 2
     cx, cy = rng.uniform(_MARGIN + r, IMAGE_SIZE - _MARGIN - r, size=2)
-    angle = rng.uniform(-np.pi / 12, np.pi / 12)
+    angle = rng.uniform(-np.pi / 36, np.pi / 36)
     dark = rng.random() < 0.5
     colour = rng.integers(0, 70, size=3) if dark else rng.integers(185, 256, size=3)
     ImageDraw.Draw(img).polygon(_shape_polygon(label, cx, cy, r, angle), fill=tuple(int(v) for v in colour))
