@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--device", help="cpu or cuda[:N] (default cpu; on Ray, cuda for replicas that hold GPUs)")
     scan.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     scan.add_argument("--quiet", action="store_true", help="no progress bars")
+    scan.add_argument("--dry-run", action="store_true", help="check the config and arguments, then stop "
+                      "(no model load, no data access, no cluster)")
     scan.add_argument("--address", help="run on Ray: local (start Ray here), auto (this machine's cluster), "
                       "HOST:PORT or ray://HOST:PORT; without it everything runs in this process")
     scan.add_argument("--replicas", type=int, help="model replicas (default: as many as the cluster fits)")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole method on the built-in planted-shortcut benchmark")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .cluster import add_cluster_parser
+    add_cluster_parser(sub)
     return parser
 
 
@@ -86,6 +90,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     spec = ModelSpec(name=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
                      model_kwargs=parse_kwargs(args.model_kwargs), random_weights=args.random_weights, seed=cfg.seed)
+    if args.dry_run:
+        dry_run(args, spec)
+        return 0
     if args.address is None:
         job = Job(model=spec, data=args.data, out=args.out, config=cfg, device=check_device(args.device or "cpu"),
                   precision=args.precision)
@@ -104,6 +111,26 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def dry_run(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Everything that can be checked without weights, data or a cluster (manifests use this)."""
+    from .distributed.executor import address_parts
+    from .models.loader import LOADERS
+    from .storage import RunDir
+
+    if spec.family not in LOADERS:
+        raise ModelError(f"--model {spec.name!r}: unknown model family {spec.family!r}; use timm:NAME")
+    if spec.family == "timm":
+        import timm
+
+        if not timm.is_model(spec.arch):
+            raise ModelError(f"--model {spec.name!r}: timm has no model {spec.arch!r}")
+    RunDir(args.out)  # the URL's scheme has a filesystem
+    if args.address is not None:
+        address_parts(args.address)
+    print(f"ok: would scan {spec.name} on {args.data} into {args.out}"
+          + (f" on Ray at {args.address}" if args.address else " in this process"))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .report import print_status
 
@@ -115,6 +142,7 @@ def open_run(url: str):
     from .storage import RunDir
 
     run = RunDir(url)
+    run.check(label="run")
     if not run.exists("run.json"):
         raise StorageError(f"{url} is not a run directory (no run.json); run `cigma-ray scan ... --out {url}` first")
     return run
@@ -139,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo}
+    commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo, "cluster": lambda a: a.func(a)}
     try:
         return commands[args.command](args)
     except USER_ERRORS as e:

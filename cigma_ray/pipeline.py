@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from . import __version__
-from .config import Config
+from .config import Config, ConfigError
 from .data import DataError, ImageSource, open_source
 from .engine import Replica
 from .method import head_scores, ranks
@@ -118,8 +118,8 @@ class Worker:
         """Do one unit and write its file; returns a small receipt (never tensors or rows)."""
         start = time.perf_counter()
         table = getattr(self, f"_{unit.stage}")(unit, on_progress or (lambda n: None))
-        self.run.write_table(unit.file, table)
-        return {"file": unit.file, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+        checksum = self.run.write_table(unit.file, table)
+        return {"file": unit.file, "rows": table.num_rows, "sha256": checksum, "seconds": time.perf_counter() - start}
 
     def _predict(self, unit: Unit, progress) -> pa.Table:
         images, ok = self._images(unit)
@@ -215,6 +215,9 @@ class Pipeline:
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter
+        if self.cfg.top_k > len(self.adapter.heads):
+            raise ConfigError(f"top_k={self.cfg.top_k} but {job.model.name} has {len(self.adapter.heads)} heads "
+                              f"({self.adapter.num_layers} layers); set top_k to at most {len(self.adapter.heads)}")
         self._worker: Worker | None = None
         self.run.check()
         self.manifest = self._manifest()

@@ -6,6 +6,7 @@ overwrites itself and resuming is "list what exists, skip it".
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,7 @@ class RunDir:
         if self.local:
             self.root = os.path.abspath(self.root)
 
-    def check(self) -> None:
+    def check(self, label: str = "--out") -> None:
         """Fail early on object storage that cannot be reached: no bucket, no credentials."""
         if self.local:
             return
@@ -44,14 +45,14 @@ class RunDir:
         try:
             self.fs.ls(bucket, refresh=True)
         except FileNotFoundError:
-            raise StorageError(f"--out {self.url}: bucket {bucket!r} does not exist; create it first") from None
+            raise StorageError(f"{label} {self.url}: bucket {bucket!r} does not exist; create it first") from None
         except PermissionError as e:
-            raise StorageError(f"--out {self.url}: access to bucket {bucket!r} denied ({e}); check the credentials' permissions") from None
+            raise StorageError(f"{label} {self.url}: access to bucket {bucket!r} denied ({e}); check the credentials' permissions") from None
         except Exception as e:  # noqa: BLE001 - botocore raises credential errors of several types
             if "credential" in f"{type(e).__name__} {e}".lower():
-                raise StorageError(f"--out {self.url}: no usable credentials ({e}); set AWS_ACCESS_KEY_ID and "
+                raise StorageError(f"{label} {self.url}: no usable credentials ({e}); set AWS_ACCESS_KEY_ID and "
                                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role applies") from None
-            raise StorageError(f"--out {self.url}: cannot reach the bucket ({type(e).__name__}: {e}); for an S3-compatible "
+            raise StorageError(f"{label} {self.url}: cannot reach the bucket ({type(e).__name__}: {e}); for an S3-compatible "
                                "store set AWS_ENDPOINT_URL") from None
 
     def path(self, *parts: str) -> str:
@@ -69,7 +70,8 @@ class RunDir:
         names = [posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False)]
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write a whole file atomically; returns its sha256 (the receipt's checksum)."""
         target = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -81,20 +83,21 @@ class RunDir:
             os.replace(tmp, target)
         else:
             self.fs.pipe_file(target, data)
+        return hashlib.sha256(data).hexdigest()
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table) -> str:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(rel, buf.getvalue())
+        return self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)

@@ -65,7 +65,7 @@ def test_scan_random_vit_tiny_equals_weight_zeroing(tmp_path):
 def test_scan_with_checkpoint_and_model_kwargs_then_resume(tmp_path, tiny_checkpoint, image_folder):
     path, name, kwargs = tiny_checkpoint
     out = str(tmp_path / "run")
-    (tmp_path / "c.yaml").write_text("mask_steps: 2\nunit_images: 4\nbootstrap: 50\n")
+    (tmp_path / "c.yaml").write_text("mask_steps: 2\nunit_images: 4\nbootstrap: 50\ntop_k: 3\n")
     args = ["scan", "--model", f"timm:{name}", "--checkpoint", path, "--model-kwargs", *model_args(kwargs),
             "--data", image_folder, "--out", out, "--config", str(tmp_path / "c.yaml"), "--quiet"]
     first = cigma(*args)

@@ -181,6 +181,12 @@ def test_bad_data_is_named(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "run").exists()  # nothing written before the checks
 
 
+def test_top_k_larger_than_the_model_is_refused_early(tmp_path, image_folder, tiny_checkpoint):
+    with pytest.raises(ConfigError, match="top_k=10 but .* has 9 heads"):
+        Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(top_k=10)), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_numbered_class_folders_map_to_model_indices(tmp_path):
     src = open_source(write_folder(tmp_path / "n", classes=("10", "2"), per_class=2))
     assert src.classes == ["2", "10"] and sorted({r.label for r in src.records}) == [2, 10]

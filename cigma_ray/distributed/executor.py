@@ -73,8 +73,10 @@ class RayExecutor:
     """Runs units on `replicas` actors; survives lost actors and nodes."""
 
     def __init__(self, job: Job, replicas: int = 1, cpus_per_replica: float = 1, gpus_per_replica: float = 0,
-                 max_attempts: int = 3, window_per_replica: int = 2, start_timeout_s: float = 600):
+                 max_attempts: int = 3, window_per_replica: int = 2, start_timeout_s: float = 600,
+                 actor_cls=ReplicaActor):
         self.job = job
+        self.actor_cls = actor_cls
         self.replicas = replicas
         self.cpus = cpus_per_replica
         self.gpus = gpus_per_replica
@@ -89,12 +91,18 @@ class RayExecutor:
     # -- actors -------------------------------------------------------------------------------
     def _new_slot(self) -> Slot:
         threads = max(1, int(self.cpus)) if not self.gpus else None
-        actor = ReplicaActor.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.job, threads)
+        actor = self.actor_cls.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.job, threads)
         return Slot(actor=actor, ready=actor.info.remote())
 
     def start(self) -> None:
         check_resources(self.cpus, self.gpus)
         self.slots = [self._new_slot() for _ in range(self.replicas)]
+
+    def wait_ready(self) -> None:
+        """Block until every replica has loaded its model (benchmarks time the work, not the start)."""
+        for slot in self.slots:
+            if not slot.alive:
+                self._on_ready(slot)
 
     def shutdown(self) -> None:
         for slot in self.slots:
@@ -181,15 +189,27 @@ class RayExecutor:
         return [s.info for s in self.slots if s.alive]
 
 
+def address_parts(address: str) -> tuple[str, int] | None:
+    """(host, port) of an address, None for local/auto; a malformed address is an error."""
+    if address in ("local", "auto"):
+        return None
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or not port or parsed.scheme not in ("gcs", "ray"):
+        raise ClusterError(f"--address {address!r}: use local, auto, HOST:PORT or ray://HOST:PORT")
+    return parsed.hostname, port
+
+
 def check_address(address: str) -> None:
     """Fail fast on a host:port nobody listens on, before Ray's own long retries."""
-    if address in ("local", "auto"):
+    parts = address_parts(address)
+    if parts is None:
         return
-    parsed = urlparse(address if "://" in address else f"gcs://{address}")
-    if not parsed.hostname or not parsed.port:
-        raise ClusterError(f"--address {address!r}: use local, auto, HOST:PORT or ray://HOST:PORT")
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=5):
+        with socket.create_connection(parts, timeout=5):
             pass
     except OSError as e:
         raise ClusterError(f"--address {address}: cannot connect ({e.strerror or e}); is the Ray head running "
