@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cigma-ray {args.command}: {e}\nthe rest of the run is saved; once the cause is fixed, retry the failed "
               f"units with the same command:\n  {retry}", file=sys.stderr)
         return 1
+    finally:
+        gc.collect()  # drop Arrow readers while the interpreter is whole, not during its shutdown
 
 
 if __name__ == "__main__":

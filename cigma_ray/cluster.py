@@ -33,6 +33,7 @@ CONFIG_KEY = "scan.yaml"
 ENTRYPOINT_ANNOTATION = "cigma-ray/entrypoint"  # RayCluster: the scan command to run on it
 NAME_LIMITS = {"rayjob": 47, "raycluster": 53}  # what the KubeRay operator admits
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")  # DNS-1123 label: namespaces
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?\Z")
 CREDENTIAL_VARS = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY|KEY_ID)", re.I)
@@ -44,7 +45,7 @@ HEAD_CPUS, HEAD_MEMORY = "4", "16Gi"  # the head runs the scan driver, which loa
 def add_cluster_parser(subparsers) -> None:
     """Register `cluster render` on the `cigma-ray` sub-command parser."""
     cluster = subparsers.add_parser("cluster", help="Kubernetes (KubeRay) manifests for a scan")
-    sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="render", required=True)
     render = sub.add_parser("render", help="print a RayJob (or RayCluster) for a scan, with its config as a ConfigMap",
                             description="Render KubeRay manifests from the same arguments as `cigma-ray scan`, "
                             "plus the cluster's shape. Paths (--data, --out, --checkpoint) are as the pods see "
@@ -126,7 +127,7 @@ def scan_args(args: argparse.Namespace, config_path: str | None) -> list[str]:
 
 
 def entrypoint_argv(args: argparse.Namespace, config_path: str = f"{CONFIG_DIR}/{CONFIG_KEY}") -> list[str]:
-    """`cigma-ray scan ... --address auto` with one replica per worker pod (or per pod at most)."""
+    """`cigma-ray scan ... --address auto`, one replica per worker pod (per pod the group may grow to)."""
     replicas = args.max_replicas or args.replicas
     return ["cigma-ray", "scan", *scan_args(args, config_path), "--address", "auto", "--replicas", str(replicas),
             "--gpus-per-replica", str(args.gpus_per_replica), "--cpus-per-replica", str(args.cpus_per_replica)]
@@ -160,7 +161,7 @@ def check(args: argparse.Namespace) -> dict[str, str]:
     if not DNS_1035.match(args.name) or len(args.name) > limit:
         raise ConfigError(f"--name {args.name!r}: a {args.kind} name must be at most {limit} characters of lower-case "
                           "letters, digits and '-', starting with a letter and ending with a letter or digit")
-    if args.namespace is not None and not (DNS_1123.match(args.namespace) and "." not in args.namespace):
+    if args.namespace is not None and not (DNS_LABEL.match(args.namespace) and len(args.namespace) <= 63):
         raise ConfigError(f"--namespace {args.namespace!r}: not a valid namespace name")
     if args.secret and not DNS_1123.match(args.secret):
         raise ConfigError(f"--secret {args.secret!r}: not a valid Secret name")

@@ -26,12 +26,16 @@ DEMO_MODEL_NAME = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_classes=4)
 MEAN = STD = (0.5, 0.5, 0.5)  # timm's ViT defaults
 BATCH_SIZE = 64
-LR = 1e-3
+LR = 5e-4  # 1e-3 can leave the from-scratch ViT stuck at chance
 WEIGHT_DECAY = 0.05
 
 
 def load_split(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of an ImageFolder split, preprocessed exactly as at inference, and their labels."""
+    """All images of an ImageFolder split as normalised tensors, and their labels.
+
+    timm's eval transform, which the tool uses, also resizes to 71 px and centre-crops 64 px;
+    the shapes keep clear of the border, so accuracy moves by at most half a point under it.
+    """
     images, labels = [], []
     for label, name in enumerate(CLASSES):
         for path in sorted((folder / name).glob("*.png")):

@@ -95,12 +95,14 @@ class RunDir:
         return json.loads(self.read_bytes(rel))
 
     def write_table(self, rel: str, table: pa.Table) -> str:
-        buf = io.BytesIO()
+        buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        return self.write_bytes(rel, buf.getvalue())
+        return self.write_bytes(rel, buf.getvalue().to_pybytes())
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
+        # An Arrow buffer, not io.BytesIO: a Python file object lets pyarrow's reader threads take the GIL
+        # during interpreter shutdown, which aborted short commands like `status` now and then.
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
 
     def read_folder(self, folder: str, columns: list[str] | None = None, names: list[str] | None = None) -> pa.Table:
         """All finished Parquet files of a folder as one table (in file-name order)."""

@@ -8,6 +8,7 @@ submitted through Ray's job submission API as the RayJob's submitter does).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -345,30 +346,27 @@ def session_pids(sid: int) -> list[int]:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[3]) == sid:
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is dead, only not yet reaped
             pids.append(int(stat.parent.name))
     return pids
 
 
 def stop_node(proc: subprocess.Popen) -> None:
-    """SIGTERM the node's process group (a graceful `ray start --block` exit), then SIGKILL its session."""
-    with_proc = Path("/proc").is_dir()
-    try:
+    """SIGTERM the node's process group (`ray start --block` then stops what it started), then
+    SIGKILL whatever is left of its session."""
+    def signal_all(sig: int) -> None:
+        for pid in {proc.pid, *session_pids(proc.pid)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (session_pids(proc.pid) if with_proc else proc.poll() is None):
-        time.sleep(0.5)
-    for pid in session_pids(proc.pid) if with_proc else []:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for sig in (None, signal.SIGKILL):
+        if sig:
+            signal_all(sig)
+        deadline = time.monotonic() + 15
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
     proc.wait(timeout=30)
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
-CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+GENERATOR_VERSION = 2
+# Sorted, so a class's index here is the index torchvision's ImageFolder gives its folder.
+CLASSES: tuple[str, ...] = ("cross", "ring", "square", "triangle")
 IMAGE_SIZE = 64
 
 # Background hue family of each class (fraction of the colour wheel).
-_BACKGROUND_HUES = (0.0, 0.33, 0.6, 0.14)
+_BACKGROUND_HUES = (0.14, 0.0, 0.33, 0.6)
 _MARGIN = 5  # keeps the shape off the border, so a slight centre crop never cuts it
 
 
@@ -53,39 +54,37 @@ def _background(rng: np.random.Generator, background: int) -> np.ndarray:
     return base + gradient[..., None] + noise
 
 
-def _shape_polygon(label: int, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Outline of the class's shape (circle as a 32-gon) of half-size r, rotated by angle."""
+def _draw_shape(draw: ImageDraw.ImageDraw, label: int, cx: float, cy: float, r: float, angle: float,
+                colour: tuple[int, int, int]) -> None:
+    """Draw the class's shape of half-size r at (cx, cy), tilted by angle (a ring has no tilt)."""
     name = CLASSES[label]
-    if name == "circle":
-        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
-        pts = np.stack([np.cos(t), np.sin(t)], axis=1)
-    elif name == "square":
+    if name == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(3, round(r * 0.4)))
+        return
+    if name == "square":
         pts = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)]) * 0.85
     elif name == "triangle":
         pts = np.array([(0, -1), (0.95, 0.75), (-0.95, 0.75)])
-    else:  # cross: arms a third of the size wide
-        a, w = 1.0, 0.34
+    else:  # cross: thin arms, so it reads as strokes rather than a block
+        a, w = 1.0, 0.22
         pts = np.array([(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a),
                         (-w, w), (-a, w), (-a, -w), (-w, -w)])
     c, s = np.cos(angle), np.sin(angle)
-    pts = pts @ np.array([[c, s], [-s, c]]) * r + (cx, cy)
-    return [tuple(p) for p in pts]
+    draw.polygon([tuple(p) for p in pts @ np.array([[c, s], [-s, c]]) * r + (cx, cy)], fill=colour)
 
 
 def make_image(rng: np.random.Generator, label: int, background: int) -> np.ndarray:
     """One HxWx3 uint8 image: class `label`'s shape on class `background`'s background.
 
     The shape's size, position, tilt and colour are random and independent of the class;
-    its colour is very dark or very bright so it always stands out from the mid-tone background.
+    its colour is a random bright tint, so it always stands out from the mid-tone background.
     """
     img = Image.fromarray(np.clip(_background(rng, background), 0, 255).astype(np.uint8))
-    side = rng.uniform(0.28, 0.38) * IMAGE_SIZE
-    r = side / 2
+    r = rng.uniform(0.3, 0.42) * IMAGE_SIZE / 2
     cx, cy = rng.uniform(_MARGIN + r, IMAGE_SIZE - _MARGIN - r, size=2)
     angle = rng.uniform(-np.pi / 36, np.pi / 36)
-    dark = rng.random() < 0.5
-    colour = rng.integers(0, 70, size=3) if dark else rng.integers(185, 256, size=3)
-    ImageDraw.Draw(img).polygon(_shape_polygon(label, cx, cy, r, angle), fill=tuple(int(v) for v in colour))
+    colour = tuple(int(v) for v in rng.integers(185, 256, size=3))
+    _draw_shape(ImageDraw.Draw(img), label, cx, cy, r, angle, colour)
     return np.asarray(img)
 
 

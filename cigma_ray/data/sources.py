@@ -118,8 +118,14 @@ def _folder_source(url: str, fs, root: str, files: list[str]) -> ImageSource:
     return ImageSource(url, records, classes, lambda r: fs.cat_file(r.path))
 
 
+def _read_column(fs, path: str, column: str) -> list:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=[column]).column(0).to_pylist()
+
+
 def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
-    schema = pq.read_schema(fs.open(tables[0], "rb"))
+    with fs.open(tables[0], "rb") as f:
+        schema = pq.read_schema(f)
     names = schema.names
     image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
     label_col = next((c for c in LABEL_COLUMNS if c in names), None)
@@ -129,7 +135,7 @@ def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
     labels_raw: list = []
     locations: list[tuple[str, int]] = []
     for t in tables:
-        column = pq.read_table(fs.open(t, "rb"), columns=[label_col]).column(0).to_pylist()
+        column = _read_column(fs, t, label_col)
         labels_raw += column
         locations += [(t, i) for i in range(len(column))]
     if all(isinstance(v, int) for v in labels_raw):
@@ -145,7 +151,7 @@ def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
         table, row = r.path.rsplit("#", 1)
         if table not in cache:
             cache.clear()
-            cache[table] = pq.read_table(fs.open(table, "rb"), columns=[image_col]).column(0).to_pylist()
+            cache[table] = _read_column(fs, table, image_col)
         value = cache[table][int(row)]
         return value["bytes"] if isinstance(value, dict) else value
 

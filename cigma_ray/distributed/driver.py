@@ -6,7 +6,7 @@ import dataclasses
 import ray
 
 from ..pipeline import Pipeline
-from .executor import ClusterError, RayExecutor, connect
+from .executor import ClusterError, RayExecutor, check_resources, connect
 
 
 def plan_replicas(replicas: int | None, cpus: float, gpus: float | None) -> tuple[int, float]:
@@ -14,6 +14,7 @@ def plan_replicas(replicas: int | None, cpus: float, gpus: float | None) -> tupl
     total = ray.cluster_resources()
     if gpus is None:
         gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
+    check_resources(cpus, gpus)
     if replicas is None:
         replicas = int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 0) // cpus)
     if replicas < 1:
