@@ -112,6 +112,9 @@ def test_checkpoint_that_does_not_fit(tiny_checkpoint):
 
 
 def test_missing_pretrained_weights_say_how_to_provide_them(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set it too
     with pytest.raises(ModelError, match="--checkpoint FILE"):
         load(ModelSpec("timm:vit_tiny_patch16_224", model_kwargs={"depth": 1}))

@@ -124,7 +124,9 @@ def test_interrupted_run_resumes_without_redoing_units(tmp_path, image_folder, t
 
 
 def test_incompatible_rerun_is_refused(tmp_path, image_folder, tiny_checkpoint):
-    Pipeline(job(tmp_path, image_folder, tiny_checkpoint), progress=False)
+    first = Pipeline(job(tmp_path, image_folder, tiny_checkpoint), progress=False)
+    assert not first.run.exists("run.json")  # validating (as --dry-run does) writes nothing
+    first.run_all()
     with pytest.raises(RunMismatch, match="tp_ratio"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(tp_ratio=0.5)), progress=False)
     with pytest.raises(RunMismatch, match="precision"):
