@@ -53,7 +53,7 @@ def test_scan_random_vit_tiny_equals_weight_zeroing(tmp_path):
     expected = head_scores(masks["big"].to_numpy()[None, :] - ablated, bootstrap=100, seed=0)
     ranking = pq.read_table(os.path.join(out, "rankings.parquet"))
     by_head = ranking.sort_by([("layer", "ascending"), ("head", "ascending")])
-    np.testing.assert_allclose(by_head["score"].to_numpy(), expected["score"], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(by_head["score"].to_numpy(), expected["score"], rtol=1e-4, atol=1e-7)  # fp32 rounding: |diff| ~2e-8
     order = np.argsort(-expected["score"], kind="stable")
     assert ranking["layer"].to_pylist()[:5] == [lm.adapter.heads[i][0] for i in order[:5]]
     assert ranking["head"].to_pylist()[:5] == [lm.adapter.heads[i][1] for i in order[:5]]

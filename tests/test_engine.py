@@ -6,6 +6,7 @@ import torch
 
 from cigma_ray.config import Config
 from cigma_ray.engine import Replica, scan_heads
+from cigma_ray.engine.replica import halving_on_oom
 from cigma_ray.engine.reference import scan_by_weight_zeroing, zeroed_head
 from cigma_ray.method import counterfactuals, foreground_cells, gains, js, probs
 from cigma_ray.models import ModelSpec, load
@@ -126,3 +127,32 @@ def test_replica_masks_follow_the_definition_and_ignore_batch_size():
     no_bg, no_fg = counterfactuals(images, one.fg)
     torch.testing.assert_close(one.big, js(probs(m(images)), probs(m(no_bg))), rtol=0, atol=1e-6)
     torch.testing.assert_close(one.fig, js(probs(m(images)), probs(m(no_fg))), rtol=0, atol=1e-6)
+
+
+def oom_above(module: torch.nn.Module, limit: int):
+    """A forward pre-hook that fails like a full GPU when a batch is larger than `limit`."""
+    def check(_, args):
+        if args[0].shape[0] > limit:
+            raise torch.OutOfMemoryError(f"batch {args[0].shape[0]} > {limit}")
+    return module.register_forward_pre_hook(check)
+
+
+def test_out_of_memory_halves_the_batch_size_and_keeps_results():
+    lm, images, no_bg = setup("vit", n=6)
+    fg = foreground_cells(torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(3)), 0.35)
+    heads = lm.adapter.heads
+    roomy = Replica(lm, batch_size=64)
+    want_logits, want_scan = roomy.logits(images), roomy.scan(images, fg, heads, 1.0)
+    tight = Replica(lm, batch_size=64)
+    hook = oom_above(lm.adapter.model.patch_embed, 5)
+    try:
+        torch.testing.assert_close(tight.logits(images), want_logits, rtol=0, atol=1e-6)
+        assert tight.batch_size == 4  # 64 -> 32 -> 16 -> 8 -> 4
+        torch.testing.assert_close(tight.scan(images, fg, heads, 1.0), want_scan, rtol=0, atol=1e-6)
+        assert tight.batch_size == 4  # the scan sends twice the images per pair: 4 images = 2 pairs fit
+        with pytest.raises(torch.OutOfMemoryError, match="mask_batch"):
+            tight.masks(images, Config(mask_steps=2, mask_batch=6))  # halving would change masks: a clear error
+    finally:
+        hook.remove()
+    with pytest.raises(torch.OutOfMemoryError):  # nothing fits at all
+        halving_on_oom(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("full")), 8)

@@ -27,6 +27,24 @@ def test_prefix_path_equals_forward(kind):
     for layer in range(a.num_layers):
         tokens = a.block(layer, tokens)
     torch.testing.assert_close(a.readout(tokens), a.model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.logits(x), a.model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, rows", [("vit", 1), ("deit_distilled", 2), ("dinov2_reg", 1), ("vit_avg", None)])
+def test_last_block_for_the_readout_rows_only_equals_the_whole_block(kind, rows):
+    """`finish` computes the last block for the class (and distillation) token only; same logits,
+    with and without keep-masks in that block, as the whole block then the read-out."""
+    a = loaded(kind).adapter
+    assert a.readout_rows == rows
+    last = a.num_layers - 1
+    tokens = a.embed(torch.randn(4, 3, *a.input_size))
+    for layer in range(last):
+        tokens = a.block(layer, tokens)
+    keep = torch.ones(4, a.heads_per_layer[last])
+    keep[0, 0] = keep[2, -1] = keep[3] = 0
+    for k in (None, keep):
+        torch.testing.assert_close(a.finish(tokens, k), a.readout(a.block(last, tokens, k)), rtol=0, atol=1e-5)
+    assert not torch.allclose(a.finish(tokens, keep), a.finish(tokens))  # the mask does act
 
 
 @pytest.mark.parametrize("kind", list(VIT_KINDS))

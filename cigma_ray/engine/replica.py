@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -13,6 +14,25 @@ from ..models import LoadedModel
 from .scan import batched, scan_heads
 
 PRECISIONS = ("fp32", "bf16")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def halving_on_oom(run: Callable[[int], T], batch_size: int) -> tuple[T, int]:
+    """run(batch_size), halving the batch size after each out-of-memory error; (result, size that fit).
+
+    Safe for the forward passes and the scan, whose results do not depend on the batch size.
+    """
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            log.warning("out of memory: batch size lowered to %d", batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 @dataclass
@@ -51,7 +71,8 @@ class Replica:
         def run(x: torch.Tensor) -> torch.Tensor:
             k = None if keep is None else {l: m.to(self.device).expand(len(x), -1) for l, m in keep.items()}
             return self._logits(x.to(self.device), k)
-        return batched(run, images, self.batch_size).cpu()
+        out, self.batch_size = halving_on_oom(lambda size: batched(run, images, size).cpu(), self.batch_size)
+        return out
 
     def masks(self, images: torch.Tensor, cfg: Config) -> MaskResult:
         """Learn the masks of these images together, binarise them, and measure FIG, BIG, BIR.
@@ -61,10 +82,15 @@ class Replica:
         run's mask unit) gives masks that are reproducible bit for bit.
         """
         x = images.to(self.device)
-        with torch.no_grad():
-            q = probs(self._logits(x), cfg.tau)
-        mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
-                              mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+        try:
+            with torch.no_grad():
+                q = probs(self._logits(x), cfg.tau)
+            mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
+                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+        except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
+            raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; lower the "
+                                         f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "
+                                         "it changes the masks") from e
         fg = foreground_cells(mask, cfg.keep_ratio)
         fig, big, bir = self.gains(images, fg, cfg.tau)
         return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=bir)
@@ -80,8 +106,11 @@ class Replica:
              on_pairs: Callable[[int], None] | None = None) -> torch.Tensor:
         """BIG^(-h) per (head, image): (len(heads), N) fp32."""
         no_bg, _ = counterfactuals(images, fg)
-        return scan_heads(self.adapter, images.to(self.device), no_bg.to(self.device), heads, tau=tau,
-                          batch_size=self.batch_size, autocast=self.autocast, on_pairs=on_pairs)
+        x, x_no_bg = images.to(self.device), no_bg.to(self.device)
+        out, self.batch_size = halving_on_oom(
+            lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size,
+                                    autocast=self.autocast, on_pairs=on_pairs), self.batch_size)
+        return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
         """Per-layer (1, heads) keep-masks that ablate the given heads together."""

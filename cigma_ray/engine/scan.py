@@ -79,10 +79,10 @@ def scan_heads(
 
 def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Logits from the input of block `layer` on, with `keep` applied in that block only."""
-    tokens = adapter.block(layer, tokens, keep)
-    for later in range(layer + 1, adapter.num_layers):
-        tokens = adapter.block(later, tokens)
-    return adapter.readout(tokens)
+    last = adapter.num_layers - 1
+    for current in range(layer, last):
+        tokens = adapter.block(current, tokens, keep if current == layer else None)
+    return adapter.finish(tokens, keep if layer == last else None)
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -112,6 +112,10 @@ class HeadAdapter:
     def readout(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def finish(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the input of the last block; adapters may compute only the rows the readout uses."""
+        return self.readout(self.block(self.num_layers - 1, tokens, keep))
+
 
 def attention_projection(attn: nn.Module) -> tuple[nn.Linear, int, int]:
     """(output projection, number of heads, head width) of a timm-style attention module."""
