@@ -56,6 +56,12 @@ class Replica:
         self.precision = precision
         self.batch_size = batch_size
 
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """To the device; from pinned host memory without blocking when it is a GPU."""
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -70,7 +76,7 @@ class Replica:
         """Logits (N, C) in fp32 on the CPU; `keep` masks are per layer (1, heads), broadcast to the batch."""
         def run(x: torch.Tensor) -> torch.Tensor:
             k = None if keep is None else {l: m.to(self.device).expand(len(x), -1) for l, m in keep.items()}
-            return self._logits(x.to(self.device), k)
+            return self._logits(self.upload(x), k)
         out, self.batch_size = halving_on_oom(lambda size: batched(run, images, size).cpu(), self.batch_size)
         return out
 
@@ -81,7 +87,7 @@ class Replica:
         amplify float rounding in near-zero gradients, so only a fixed batch composition (the
         run's mask unit) gives masks that are reproducible bit for bit.
         """
-        x = images.to(self.device)
+        x = self.upload(images)
         try:
             with torch.no_grad():
                 q = probs(self._logits(x), cfg.tau)
@@ -106,7 +112,7 @@ class Replica:
              on_pairs: Callable[[int], None] | None = None) -> torch.Tensor:
         """BIG^(-h) per (head, image): (len(heads), N) fp32."""
         no_bg, _ = counterfactuals(images, fg)
-        x, x_no_bg = images.to(self.device), no_bg.to(self.device)
+        x, x_no_bg = self.upload(images), self.upload(no_bg)
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size,
                                     autocast=self.autocast, on_pairs=on_pairs), self.batch_size)
