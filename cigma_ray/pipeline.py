@@ -332,20 +332,55 @@ class Pipeline:
         self.rank(selected)
 
     def rank(self, selected: list[int]) -> pa.Table:
-        """Aggregate deltas/ into rankings.parquet, one layer range at a time (bounded memory)."""
+        """Aggregate deltas/ into rankings.parquet, one unit file at a time.
+
+        The driver holds the (heads x images) matrix of deltas that the bootstrap needs, never the
+        rows of the whole data set at once.
+        """
         units = self.scan_units(selected)
         missing = self.missing(units)
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
-        parts = []
-        for layers in layer_ranges(self.adapter.num_layers, self.cfg.unit_layers):
-            files = [u.file.split("/", 1)[1] for u in units if u.layers == layers]
-            deltas = self.run.read_folder("deltas", ["image_id", "layer", "head", "delta"], names=files)
-            parts.append(head_table(deltas, [h for h in self.adapter.heads if layers[0] <= h[0] < layers[1]], self.cfg))
-        table = pa.concat_tables(parts)
+        heads = self.adapter.heads
+        matrix = delta_matrix(self.run, units, heads, sorted(selected))
+        stats = head_scores(matrix, bootstrap=self.cfg.bootstrap, ci_level=self.cfg.ci_level, seed=self.cfg.seed)
+        table = pa.table({
+            "layer": pa.array([l for l, _ in heads], pa.int32()),
+            "head": pa.array([h for _, h in heads], pa.int32()),
+            **{k: pa.array(stats[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
+            "n": pa.array(stats["n"], pa.int64()),
+        })
         table = table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
         self.run.write_table("rankings.parquet", table)
         return table
+
+
+def delta_matrix(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int]) -> np.ndarray:
+    """(heads, images) deltas read from each scan unit's file in turn; every cell must be filled exactly once."""
+    head_index = np.full((max(l for l, _ in heads) + 1, max(h for _, h in heads) + 1), -1, dtype=np.int64)
+    for i, (layer, head) in enumerate(heads):
+        head_index[layer, head] = i
+    ids = np.asarray(images, dtype=np.int64)
+    by_id = np.argsort(ids, kind="stable")
+    matrix = np.full((len(heads), len(images)), np.nan)
+    filled = np.zeros(matrix.shape, dtype=np.int32)
+    for unit in units:
+        t = run.read_table(unit.file, ["image_id", "layer", "head", "delta"])
+        layer, head, image = (t[k].to_numpy().astype(np.int64) for k in ("layer", "head", "image_id"))
+        pos = np.minimum(np.searchsorted(ids, image, sorter=by_id), len(ids) - 1)
+        c = by_id[pos]
+        known_head = (layer < head_index.shape[0]) & (head < head_index.shape[1])
+        r = np.where(known_head, head_index[np.where(known_head, layer, 0), np.where(known_head, head, 0)], -1)
+        if (r < 0).any() or (ids[c] != image).any():
+            raise RuntimeError(f"{unit.file} holds a head or image this run does not scan: remove the run's deltas/ "
+                               "folder and scan again")
+        matrix[r, c] = t["delta"].to_numpy()
+        np.add.at(filled, (r, c), 1)
+    if (filled != 1).any():
+        bad = int((filled != 1).sum())
+        raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
+                           f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
+    return matrix
 
 
 class UnitsFailed(RuntimeError):
@@ -405,29 +440,6 @@ def missing_units(run: RunDir, units: list[Unit]) -> list[Unit]:
     for folder in {u.file.split("/")[0] for u in units}:
         done |= {f"{folder}/{n}" for n in run.list(folder)}
     return [u for u in units if u.file not in done]
-
-
-def head_table(deltas: pa.Table, heads: list[tuple[int, int]], cfg: Config) -> pa.Table:
-    """Score, stderr and interval of each head from its deltas rows (every head once per image)."""
-    layer = deltas["layer"].to_numpy()
-    head = deltas["head"].to_numpy()
-    image = deltas["image_id"].to_numpy()
-    order = np.lexsort((image, head, layer))
-    n_images = len(np.unique(image))
-    expected = np.repeat(np.array(heads, dtype=np.int64).reshape(-1, 2), n_images, axis=0)
-    ok = len(order) == len(expected) and (np.stack([layer[order], head[order]], axis=1) == expected).all() \
-        and (image[order].reshape(len(heads), -1) == image[order][:n_images]).all()
-    if not ok:
-        raise RuntimeError(f"deltas hold {len(order)} rows, not each of {len(heads)} heads once per each of "
-                           f"{n_images} images: remove the run's deltas/ folder and scan again")
-    matrix = deltas["delta"].to_numpy()[order].reshape(len(heads), n_images)
-    stats = head_scores(matrix, bootstrap=cfg.bootstrap, ci_level=cfg.ci_level, seed=cfg.seed)
-    return pa.table({
-        "layer": pa.array([l for l, _ in heads], pa.int32()),
-        "head": pa.array([h for _, h in heads], pa.int32()),
-        **{k: pa.array(stats[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
-        "n": pa.array(stats["n"], pa.int64()),
-    })
 
 
 def progress_bar(stage: str, total: int, initial: int, unit: str, enabled: bool):

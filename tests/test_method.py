@@ -584,8 +584,19 @@ def test_head_scores_constant_row_degenerate_interval():
     out = head_scores(deltas, bootstrap=200, seed=0)
     assert out["stderr"][0] == pytest.approx(0.0, abs=1e-15)  # np.std of a constant row: ~1e-18 rounding
     assert out["score"][0] == pytest.approx(0.1, abs=1e-15)
-    assert out["ci_low"][0] == out["ci_high"][0] == out["score"][0]
+    assert out["ci_low"][0] == pytest.approx(0.1, abs=1e-15) and out["ci_high"][0] == pytest.approx(0.1, abs=1e-15)
     assert out["ci_low"][1] < out["ci_high"][1]
+
+
+@pytest.mark.parametrize("n_images", [1, 7, 300])
+def test_head_scores_bootstrap_equals_resampling_images_by_hand(n_images):
+    """The count-weighted matrix product is the plain definition: draw n images with replacement, average."""
+    deltas = np.random.default_rng(5).normal(size=(4, n_images))
+    out = head_scores(deltas, bootstrap=250, ci_level=0.9, seed=11)
+    rng = np.random.default_rng(11)
+    means = np.stack([deltas[:, rng.integers(0, n_images, size=n_images)].mean(axis=1) for _ in range(250)])
+    np.testing.assert_allclose(out["ci_low"], np.quantile(means, 0.05, axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["ci_high"], np.quantile(means, 0.95, axis=0), rtol=0, atol=1e-12)
 
 
 def test_ranks_descending_one_based_ties_in_input_order():

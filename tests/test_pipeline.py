@@ -237,3 +237,13 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "ok.yaml").write_text("mask_lr: 1\nseed: 3\n")
     cfg = config.load(tmp_path / "ok.yaml")
     assert cfg.mask_lr == 1.0 and isinstance(cfg.mask_lr, float) and cfg.seed == 3
+
+
+def test_rank_refuses_deltas_that_miss_or_repeat_cells(tmp_path, image_folder, tiny_checkpoint):
+    j = job(tmp_path, image_folder, tiny_checkpoint)
+    Pipeline(j, progress=False).run_all()
+    run = RunDir(j.out)
+    first, second = run.list("deltas")[:2]
+    run.write_table(f"deltas/{second}", run.read_table(f"deltas/{first}"))  # first's cells twice, second's none
+    with pytest.raises(RuntimeError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
+        Pipeline(j, progress=False).run_all()

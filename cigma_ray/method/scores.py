@@ -8,7 +8,9 @@ def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 
     """Summaries of a (heads, images) matrix of BIG_i - BIG_i^(-h).
 
     The bootstrap resamples images, with the same resamples for every head, so intervals of
-    different heads are comparable; the seed makes them reproducible.
+    different heads are comparable; the seed makes them reproducible. A resample's mean is a
+    count-weighted mean, so blocks of resamples are one matrix product (1000 heads x 50k images
+    x 1000 resamples in seconds, not minutes).
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     n_heads, n = deltas.shape
@@ -17,8 +19,11 @@ def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 
     if bootstrap > 0 and n > 0:
         rng = np.random.default_rng(seed)
         means = np.empty((bootstrap, n_heads))
-        for b in range(bootstrap):
-            means[b] = deltas[:, rng.integers(0, n, size=n)].mean(axis=1)
+        block = max(1, 2**22 // n)  # resamples per matrix product: ~32 MB of counts
+        for start in range(0, bootstrap, block):
+            counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
+                               for _ in range(min(block, bootstrap - start))]).astype(np.float64)
+            means[start:start + len(counts)] = counts @ deltas.T / n  # a resample's mean, as weights
         alpha = (1 - ci_level) / 2
         ci_low, ci_high = np.quantile(means, [alpha, 1 - alpha], axis=0)
     else:
