@@ -1,4 +1,4 @@
-"""The `cigma-ray` command: scan, show, demo."""
+"""The `cigma-ray` command: scan, show, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--config", help="YAML file of config keys (see README)")
     scan.add_argument("--device", help="cpu or cuda[:N] (default cpu; on Ray, cuda for replicas that hold GPUs)")
     scan.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    scan.add_argument("--rounds", type=int, help="iterative mode: after each round remove the top --k-per-round "
+                      "heads and scan the rest again on the pruned model (config key rounds; default 1)")
+    scan.add_argument("--k-per-round", type=int, help="heads removed after each round (config key k_per_round)")
     scan.add_argument("--quiet", action="store_true", help="no progress bars")
     scan.add_argument("--dry-run", action="store_true", help="check the config and arguments, then stop "
                       "(no model load, no data access, no cluster)")
@@ -78,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole method on the built-in planted-shortcut benchmark")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    bench = sub.add_parser("bench", help="forward, paper-style loop, engine scan and mask stage rates, measured "
+                           "together on random weights; saves JSON and a PNG plot",
+                           description="Defaults depend on --device: on cpu, vit_tiny_patch16_224 in fp32; on cuda, "
+                           "vit_base_patch16_224 and vit_large_patch16_224 in bf16. Progress goes to stderr, the "
+                           "table to stdout.")
+    bench.add_argument("--model", nargs="+", metavar="NAME", help="timm model names (timm: prefix optional)")
+    bench.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    bench.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32 on cpu, bf16 on cuda")
+    bench.add_argument("--images", type=int, help="images per scan (default 8 on cpu, 64 on cuda)")
+    bench.add_argument("--batch-sizes", metavar="B1,B2,...", help="batch sizes of the forward and engine sweeps "
+                       "(default 1,8,32 on cpu; 32,64,128,256,512 on cuda)")
+    bench.add_argument("--mask-steps", type=int, help="mask steps timed (default 5 on cpu, 10 on cuda)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up; the best counts (default 3)")
+    bench.add_argument("--img-size", type=int, help="input size passed to timm.create_model")
+    bench.add_argument("--results", default="benchmarks/results", help="folder for the JSON and PNG, relative to "
+                       "the current directory (default benchmarks/results)")
+    bench.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 top-k comparison")
     from .cluster import add_cluster_parser
     add_cluster_parser(sub)
     return parser
@@ -89,6 +110,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .report import print_top
 
     cfg = config_mod.load(args.config)
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round)) if v is not None}
+    cfg = cfg.replace(**overrides) if overrides else cfg
     spec = ModelSpec(name=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
                      model_kwargs=parse_kwargs(args.model_kwargs), random_weights=args.random_weights, seed=cfg.seed)
     if args.dry_run:
@@ -163,12 +186,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_command
+
+    return run_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .pipeline import UnitsFailed
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo, "cluster": lambda a: a.func(a)}
+    commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo, "bench": cmd_bench,
+                "cluster": lambda a: a.func(a)}
     try:
         return commands[args.command](args)
     except USER_ERRORS as e:

@@ -32,6 +32,8 @@ class Config:
     bootstrap: int = 1000
     ci_level: float = 0.95
     top_k: int = 16
+    rounds: int = 1  # iterative mode: scan, remove the top k_per_round heads, scan the rest again, ...
+    k_per_round: int = 1
     # execution (never changes results)
     batch_size: int = 64
     unit_images: int = 64
@@ -53,6 +55,8 @@ class Config:
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
             "top_k": self.top_k >= 1,
+            "rounds": self.rounds >= 1,
+            "k_per_round": self.k_per_round >= 1,
             "batch_size": self.batch_size >= 1,
             "unit_images": self.unit_images >= 1,
             "unit_layers": self.unit_layers >= 0,
@@ -65,7 +69,7 @@ class Config:
 
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
-                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level")
+                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level", "rounds", "k_per_round")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +95,8 @@ RANGES = {
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
     "top_k": "an integer >= 1",
+    "rounds": "scan rounds, an integer >= 1 (1 = the paper's single scan)",
+    "k_per_round": "heads removed after each round but the last, an integer >= 1",
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -53,10 +54,14 @@ class Unit:
     layers: tuple[int, int] | None = None
     inputs: tuple[str, ...] = ()  # run-directory files the unit reads (a scan unit's masks)
     heads: tuple[tuple[int, int], ...] = ()  # a scan unit's heads
+    round: int = 0  # iterative mode: the scan round
+    removed: tuple[tuple[int, int], ...] = ()  # heads removed by earlier rounds, ablated throughout
 
     @property
     def file(self) -> str:
         folder = {"predict": "predictions", "mask": "masks", "scan": "deltas"}[self.stage]
+        if self.round:
+            folder += f"/round-{self.round:02d}"
         name = f"part-{self.shard:05d}"
         if self.layers is not None:
             name += f"-l{self.layers[0]:03d}-{self.layers[1]:03d}"
@@ -167,8 +172,12 @@ class Worker:
         side = self.cfg.mask_size
         fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(len(ids), side, side)
         heads = list(unit.heads)
-        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress).numpy().astype(np.float64)
+        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress,
+                                    removed=unit.removed).numpy().astype(np.float64)
         big = masks["big"].to_numpy()
+        if unit.removed:  # the baseline is the model as earlier rounds left it
+            big = self.replica.gains(images, fg, self.cfg.tau, self.replica.keep_without(list(unit.removed)))[1].numpy()
+            big = big.astype(np.float64)
         n = len(ids)
         return pa.table({
             "image_id": pa.array(np.tile(np.array(ids, dtype=np.int64), len(heads)), pa.int64()),
@@ -215,6 +224,10 @@ class Pipeline:
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter
+        if (self.cfg.rounds - 1) * self.cfg.k_per_round >= len(self.adapter.heads):
+            raise ConfigError(f"rounds={self.cfg.rounds} with k_per_round={self.cfg.k_per_round} would remove "
+                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {len(self.adapter.heads)} heads "
+                              "of the model before its last round; lower one of them")
         if self.cfg.top_k > len(self.adapter.heads):
             raise ConfigError(f"top_k={self.cfg.top_k} but {job.model.name} has {len(self.adapter.heads)} heads "
                               f"({self.adapter.num_layers} layers); set top_k to at most {len(self.adapter.heads)}")
@@ -279,8 +292,8 @@ class Pipeline:
     def mask_units(self, selected: list[int]) -> list[Unit]:
         return mask_units(selected, self.cfg)
 
-    def scan_units(self, selected: list[int]) -> list[Unit]:
-        return scan_units(selected, self.cfg, self.adapter.heads_per_layer)
+    def scan_units(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> list[Unit]:
+        return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed)
 
     def missing(self, units: list[Unit]) -> list[Unit]:
         return missing_units(self.run, units)
@@ -328,20 +341,28 @@ class Pipeline:
         self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
         selected = self.selected()
         self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
-        self.run_stage("scan", self.scan_units(selected), lambda u: len(u.image_ids) * len(u.heads), "pair")
-        self.rank(selected)
+        rounds = []
+        removed: list[tuple[int, int]] = []
+        for r in range(self.cfg.rounds):
+            units = self.scan_units(selected, r, removed)
+            self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
+                           lambda u: len(u.image_ids) * len(u.heads), "pair")
+            table = self.rank_round(selected, r, removed)
+            rounds.append(table)
+            removed += [(row["layer"], row["head"]) for row in table.slice(0, self.cfg.k_per_round).to_pylist()]
+        self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round))
 
-    def rank(self, selected: list[int]) -> pa.Table:
-        """Aggregate deltas/ into rankings.parquet, one unit file at a time.
+    def rank_round(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> pa.Table:
+        """Score one round's heads from its deltas, one unit file at a time, best first.
 
         The driver holds the (heads x images) matrix of deltas that the bootstrap needs, never the
-        rows of the whole data set at once.
+        rows of the whole data set at once. Rounds after the first are kept in rounds/.
         """
-        units = self.scan_units(selected)
+        units = self.scan_units(selected, round, removed)
         missing = self.missing(units)
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
-        heads = self.adapter.heads
+        heads = [h for h in self.adapter.heads if h not in set(removed)]
         matrix = delta_matrix(self.run, units, heads, sorted(selected))
         stats = head_scores(matrix, bootstrap=self.cfg.bootstrap, ci_level=self.cfg.ci_level, seed=self.cfg.seed)
         table = pa.table({
@@ -351,8 +372,19 @@ class Pipeline:
             "n": pa.array(stats["n"], pa.int64()),
         })
         table = table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
-        self.run.write_table("rankings.parquet", table)
+        if self.cfg.rounds > 1:
+            self.run.write_table(f"rounds/round-{round:02d}.parquet", table)
         return table
+
+
+def merge_rounds(rounds: list[pa.Table], k_per_round: int) -> pa.Table:
+    """One ranking: each round's removed heads in the order they were removed, then the last round's
+    ranking of the heads left; `round` says which round's scan each row's score comes from."""
+    parts = [t.slice(0, k_per_round) for t in rounds[:-1]] + [rounds[-1]]
+    merged = pa.concat_tables([t.append_column("round", pa.array(np.full(t.num_rows, r), pa.int32()))
+                               for r, t in enumerate(parts)])
+    return merged.set_column(merged.schema.get_field_index("rank"), "rank",
+                             pa.array(np.arange(1, merged.num_rows + 1), pa.int64()))
 
 
 def delta_matrix(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int]) -> np.ndarray:
@@ -403,16 +435,19 @@ def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
     return [Unit("mask", k, s) for k, s in enumerate(shards(selected, cfg.mask_batch))]
 
 
-def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int]) -> list[Unit]:
+def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int], round: int = 0,
+               removed: list[tuple[int, int]] = ()) -> list[Unit]:
     """Image shards x layer ranges; each unit names the mask files that hold its images."""
     size, batch = cfg.unit_images, cfg.mask_batch
+    gone = set(removed)
     units = []
     for k, ids in enumerate(shards(selected, size)):
         first, last = k * size // batch, (k * size + len(ids) - 1) // batch
         inputs = tuple(Unit("mask", g, ()).file for g in range(first, last + 1))
         for a, b in layer_ranges(len(heads_per_layer), cfg.unit_layers):
-            heads = tuple((l, h) for l in range(a, b) for h in range(heads_per_layer[l]))
-            units.append(Unit("scan", k, ids, (a, b), inputs, heads))
+            heads = tuple((l, h) for l in range(a, b) for h in range(heads_per_layer[l]) if (l, h) not in gone)
+            if heads:
+                units.append(Unit("scan", k, ids, (a, b), inputs, heads, round, tuple(removed)))
     return units
 
 
@@ -428,7 +463,15 @@ def run_status(run: RunDir) -> dict:
         preds = run.read_folder("predictions", columns=["image_id", "correct"])
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
-        for name, units in (("mask", mask_units(selected, cfg)), ("scan", scan_units(selected, cfg, plan["heads_per_layer"]))):
+        stages_units = [("mask", mask_units(selected, cfg)), ("scan", scan_units(selected, cfg, plan["heads_per_layer"]))]
+        removed: list[tuple[int, int]] = []
+        for r in range(1, cfg.rounds):  # a round's units are known once the round before it is ranked
+            if not run.exists(f"rounds/round-{r - 1:02d}.parquet"):
+                break
+            best = run.read_table(f"rounds/round-{r - 1:02d}.parquet").slice(0, cfg.k_per_round).to_pylist()
+            removed += [(row["layer"], row["head"]) for row in best]
+            stages_units.append((f"scan round {r}", scan_units(selected, cfg, plan["heads_per_layer"], r, removed)))
+        for name, units in stages_units:
             stages[name] = (len(units) - len(missing_units(run, units)), len(units))
     failures = run.read_folder("failures")
     return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"),
@@ -437,7 +480,7 @@ def run_status(run: RunDir) -> dict:
 
 def missing_units(run: RunDir, units: list[Unit]) -> list[Unit]:
     done = set()
-    for folder in {u.file.split("/")[0] for u in units}:
+    for folder in {posixpath.dirname(u.file) for u in units}:
         done |= {f"{folder}/{n}" for n in run.list(folder)}
     return [u for u in units if u.file not in done]
 

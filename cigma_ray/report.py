@@ -52,9 +52,16 @@ def print_top(run: RunDir, top: int | None = None) -> None:
     level = meta["config"]["ci_level"]
     rows = [[r["rank"], r["layer"], r["head"], f"{r['score']:+.5f}", f"{r['stderr']:.5f}",
              f"[{r['ci_low']:+.5f}, {r['ci_high']:+.5f}]", r["n"]] for r in ranking]
+    headers, align = ["rank", "layer", "head", "score", "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
+    rounds = meta["config"].get("rounds", 1)
     print(run_summary(run))
     print(f"\ntop {len(rows)} heads by CIGMA score (mean drop in BIG when the head is ablated):")
-    print(format_table(["rank", "layer", "head", "score", "stderr", f"{level:.0%} CI (bootstrap)", "n"], rows, "rrrrrlr"))
+    if rounds > 1:
+        print(f"(iterative: {rounds} rounds; after each, its top {meta['config']['k_per_round']} heads were removed "
+              "and the rest scanned again on the pruned model; a row's score is from its round)")
+        headers, align = headers + ["round"], align + "r"
+        rows = [row + [r["round"]] for row, r in zip(rows, ranking)]
+    print(format_table(headers, rows, align))
 
 
 def print_status(run: RunDir) -> None:
@@ -65,6 +72,8 @@ def print_status(run: RunDir) -> None:
     print()
     for stage, (done, total) in status["stages"].items():
         print(f"{stage:<8} {done}/{total} units{'' if done == total else f'  ({total - done} missing)'}")
+    if status["meta"]["config"].get("rounds", 1) > len([s for s in status["stages"] if s.startswith("scan")]) > 0:
+        print("later scan rounds: planned once the round before them is ranked")
     if "mask" not in status["stages"]:
         print("mask, scan: planned once predict is complete")
     print(f"ranked   {'yes' if status['ranked'] else 'no'}")

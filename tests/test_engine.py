@@ -156,3 +156,23 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_results():
         hook.remove()
     with pytest.raises(torch.OutOfMemoryError):  # nothing fits at all
         halving_on_oom(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("full")), 8)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2_reg"])
+def test_scan_on_top_of_removed_heads_equals_weight_zeroing(kind):
+    """Iterative rounds: heads removed for good stay zeroed; each scanned head is zeroed on top."""
+    lm, images, _ = setup(kind)
+    removed = [(0, 1), (2, 0), (2, 2)]
+    heads = [h for h in lm.adapter.heads if h not in removed]
+    fg = foreground_cells(torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(0)), 0.35)
+    replica = Replica(lm, batch_size=4)
+    no_bg, _ = counterfactuals(images, fg)
+    assert not torch.allclose(replica.scan(images, fg, heads, 1.0), replica.scan(images, fg, heads, 1.0, removed=removed),
+                              atol=1e-4)  # the removal matters
+    expected = scan_by_weight_zeroing(lm.adapter.model, find_attentions(lm.adapter.model), images, no_bg, heads,
+                                      removed=removed)
+    torch.testing.assert_close(replica.scan(images, fg, heads, 1.0, removed=removed), expected, rtol=0, atol=1e-5)
+    generic = TimmGenericAdapter(lm.adapter.model, lm.adapter.input_size)  # the whole-forward path
+    fixed = {layer: k[0] for layer, k in replica.keep_without(removed).items()}
+    torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=3, removed=fixed), expected,
+                               rtol=0, atol=1e-5)

@@ -68,9 +68,9 @@ def test_per_sample_keep_masks_are_independent():
     keep = torch.ones(3, 3)
     keep[1, 2] = 0
     out = a.logits(x, {1: keep})
-    torch.testing.assert_close(out[[0, 2]], a.model(x[[0, 2]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[[0, 2]], a.model(x[[0, 2]]), rtol=0, atol=1e-5)
     single = torch.tensor([[1.0, 1.0, 0.0]])
-    torch.testing.assert_close(out[1:2], a.logits(x[1:2], {1: single}), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1:2], a.logits(x[1:2], {1: single}), rtol=0, atol=1e-5)
 
 
 def test_gates_leave_model_untouched_after_use():

@@ -1,6 +1,7 @@
 """The in-process pipeline: rankings equal the plain definition, resume, unit sizes, bad input."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
@@ -13,11 +14,11 @@ from PIL import Image
 
 from cigma_ray.config import Config, ConfigError
 from cigma_ray.data import DataError, open_source
-from cigma_ray.engine.reference import scan_by_weight_zeroing
-from cigma_ray.method import counterfactuals, head_scores
+from cigma_ray.engine.reference import scan_by_weight_zeroing, zeroed_head
+from cigma_ray.method import counterfactuals, head_scores, js, probs
 from cigma_ray.models import ModelSpec
 from cigma_ray.models.timm_generic import find_attentions
-from cigma_ray.pipeline import Job, Pipeline, RunMismatch, Worker, select_images
+from cigma_ray.pipeline import Job, Pipeline, RunMismatch, Worker, run_status, select_images
 from cigma_ray.storage import RunDir
 
 from helpers import write_folder
@@ -247,3 +248,50 @@ def test_rank_refuses_deltas_that_miss_or_repeat_cells(tmp_path, image_folder, t
     run.write_table(f"deltas/{second}", run.read_table(f"deltas/{first}"))  # first's cells twice, second's none
     with pytest.raises(RuntimeError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
         Pipeline(j, progress=False).run_all()
+
+
+def test_iterative_rounds_rescan_the_rest_on_the_pruned_model(tmp_path, image_folder, tiny_checkpoint):
+    """rounds=3, k_per_round=2: each round's scores are the weight-zeroing definition on the model with
+    the earlier rounds' top heads zeroed throughout, BIG included; the ranking lists the removed heads
+    in removal order, then the last round's ranking, each row with its round."""
+    cfg = FAST.replace(rounds=3, k_per_round=2)
+    p = Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=cfg), progress=False)
+    p.run_all()
+    run = RunDir(p.job.out)
+    model = p.adapter.model
+    masks = run.read_folder("masks").sort_by("image_id")
+    ok = {r.image_id: r for r in p.source.records}
+    images, _, _ = p.source.load([ok[i] for i in masks["image_id"].to_pylist()], p.loaded.transform)
+    fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(-1, 32, 32)
+    no_bg, _ = counterfactuals(images, fg)
+    attentions = find_attentions(model)
+
+    removed: list = []
+    rounds = [run.read_table(f"rounds/round-{r:02d}.parquet") for r in range(3)]
+    for r, table in enumerate(rounds):
+        heads = [h for h in p.adapter.heads if h not in removed]
+        ablated = scan_by_weight_zeroing(model, attentions, images, no_bg, heads, removed=removed).numpy()
+        if removed:  # BIG of the pruned model: the same definition with only the removed heads zeroed
+            with contextlib.ExitStack() as stack:
+                for layer, head in removed:
+                    stack.enter_context(zeroed_head(attentions[layer], head))
+                with torch.no_grad():
+                    big = js(probs(model(images)), probs(model(no_bg))).numpy()
+        else:
+            big = masks["big"].to_numpy()
+        stats = head_scores(big[None, :] - ablated, bootstrap=200, ci_level=0.95, seed=0)
+        got = table.sort_by([("layer", "ascending"), ("head", "ascending")])
+        assert list(zip(got["layer"].to_pylist(), got["head"].to_pylist())) == heads
+        np.testing.assert_allclose(got["score"].to_numpy(), stats["score"], rtol=0, atol=1e-6)
+        removed += [(row["layer"], row["head"]) for row in table.slice(0, 2).to_pylist()]
+    assert len(set(removed)) == 6
+
+    final = rankings(p.job.out)
+    assert final["rank"].to_pylist() == list(range(1, len(p.adapter.heads) + 1))
+    assert final["round"].to_pylist() == [0, 0, 1, 1] + [2] * (len(p.adapter.heads) - 4)
+    assert list(zip(final["layer"].to_pylist(), final["head"].to_pylist()))[:4] == removed[:4]
+    status = run_status(run)["stages"]
+    shards = -(-masks.num_rows // FAST.unit_images)
+    assert status["scan"] == status["scan round 1"] == status["scan round 2"] == (shards, shards)
+    with pytest.raises(ConfigError, match="rounds=5 with k_per_round=3 would remove 12 of the 9 heads"):
+        Pipeline(job(tmp_path, image_folder, tiny_checkpoint, name="too-many", cfg=FAST.replace(rounds=5, k_per_round=3)))

@@ -42,11 +42,14 @@ def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
 @torch.inference_mode()
 def scan_by_weight_zeroing(model: nn.Module, attentions: list[nn.Module], images: torch.Tensor,
                            images_no_bg: torch.Tensor, heads: list[tuple[int, int]], tau: float = 1.0,
-                           batch_size: int = 64) -> torch.Tensor:
-    """BIG^(-h) per head and image, one head at a time, whole model, on zeroed weights."""
+                           batch_size: int = 64, removed: list[tuple[int, int]] = ()) -> torch.Tensor:
+    """BIG^(-h) per head and image, one head at a time, whole model, on zeroed weights
+    (on top of the `removed` heads, zeroed throughout)."""
     out = torch.empty(len(heads), images.shape[0])
     for pos, (layer, head) in enumerate(heads):
-        with zeroed_head(attentions[layer], head):
+        with contextlib.ExitStack() as stack:
+            for l, h in [*removed, (layer, head)]:
+                stack.enter_context(zeroed_head(attentions[l], h))
             for i in range(0, images.shape[0], batch_size):
                 q = probs(model(images[i: i + batch_size]), tau)
                 q_no_bg = probs(model(images_no_bg[i: i + batch_size]), tau)

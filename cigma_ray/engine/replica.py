@@ -109,13 +109,14 @@ class Replica:
         return gains(q, q_no_fg, q_no_bg)
 
     def scan(self, images: torch.Tensor, fg: torch.Tensor, heads: list[tuple[int, int]], tau: float,
-             on_pairs: Callable[[int], None] | None = None) -> torch.Tensor:
-        """BIG^(-h) per (head, image): (len(heads), N) fp32."""
+             on_pairs: Callable[[int], None] | None = None, removed: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """BIG^(-h) per (head, image): (len(heads), N) fp32, with the `removed` heads ablated throughout."""
         no_bg, _ = counterfactuals(images, fg)
         x, x_no_bg = self.upload(images), self.upload(no_bg)
+        fixed = {layer: k[0] for layer, k in self.keep_without(list(removed)).items()}
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size,
-                                    autocast=self.autocast, on_pairs=on_pairs), self.batch_size)
+                                    autocast=self.autocast, on_pairs=on_pairs, removed=fixed), self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

@@ -36,15 +36,23 @@ def scan_heads(
     batch_size: int = 64,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_pairs: Callable[[int], None] | None = None,
+    removed: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i.
 
     Returns a (len(heads), N) fp32 CPU tensor. `batch_size` counts images per forward pass
-    (a pair costs two); results do not depend on it beyond float rounding.
+    (a pair costs two); results do not depend on it beyond float rounding. `removed` holds
+    per-layer (heads,) keep vectors of heads pruned for good (iterative rounds): they stay
+    ablated in every forward, and each scanned head is ablated on top of them.
     """
     n = images.shape[0]
     pairs_per_chunk = max(1, batch_size // 2)
     x = torch.cat([images, images_no_bg])
+    base = {layer: k.to(x.device) for layer, k in (removed or {}).items()}
+
+    def fixed(layer: int, batch: int) -> torch.Tensor | None:
+        return base[layer].expand(batch, -1) if layer in base else None
+
     out = torch.empty(len(heads), n, dtype=torch.float32)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for pos, (layer, _) in enumerate(heads):
@@ -60,29 +68,32 @@ def scan_heads(
         head_of = torch.tensor([heads[p][1] for p in positions.tolist()], dtype=torch.long)
         for head_pos, img in pair_chunks(len(positions), n, pairs_per_chunk):
             idx = torch.cat([img, img + n]).to(x.device)
-            keep = torch.ones(len(idx), adapter.heads_per_layer[layer], device=x.device)
+            keep = fixed(layer, len(idx))
+            keep = torch.ones(len(idx), adapter.heads_per_layer[layer], device=x.device) if keep is None else keep.clone()
             keep[torch.arange(len(idx)), head_of[head_pos].repeat(2).to(x.device)] = 0
             with autocast():
                 if tokens is not None:
-                    logits = suffix(adapter, layer, tokens[idx], keep)
+                    logits = suffix(adapter, layer, tokens[idx], keep, fixed)
                 else:
-                    logits = adapter.logits(x[idx], {layer: keep})
+                    masks = {l: fixed(l, len(idx)) for l in base}
+                    logits = adapter.logits(x[idx], {**masks, layer: keep})
             q = probs(logits, tau)
             out[positions[head_pos], img] = js(q[: len(img)], q[len(img):]).cpu()
             if on_pairs is not None:
                 on_pairs(len(img))
         if tokens is not None and layer < last:
             with autocast():
-                tokens = batched(lambda t, layer=layer: adapter.block(layer, t), tokens, batch_size)
+                tokens = batched(lambda t, layer=layer: adapter.block(layer, t, fixed(layer, len(t))), tokens, batch_size)
     return out
 
 
-def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Logits from the input of block `layer` on, with `keep` applied in that block only."""
+def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor,
+           fixed: Callable[[int, int], torch.Tensor | None]) -> torch.Tensor:
+    """Logits from the input of block `layer` on: `keep` in that block, the fixed removals in later ones."""
     last = adapter.num_layers - 1
     for current in range(layer, last):
-        tokens = adapter.block(current, tokens, keep if current == layer else None)
-    return adapter.finish(tokens, keep if layer == last else None)
+        tokens = adapter.block(current, tokens, keep if current == layer else fixed(current, len(tokens)))
+    return adapter.finish(tokens, keep if layer == last else fixed(last, len(tokens)))
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
