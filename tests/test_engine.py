@@ -176,3 +176,19 @@ def test_scan_on_top_of_removed_heads_equals_weight_zeroing(kind):
     fixed = {layer: k[0] for layer, k in replica.keep_without(removed).items()}
     torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=3, removed=fixed), expected,
                                rtol=0, atol=1e-5)
+
+
+def test_masks_do_not_depend_on_the_thread_count():
+    """Replicas run with their own thread counts; Adam amplifies any rounding difference, so the mask
+    stage's forward must round the same way on 1 thread as on 2. (The scan's read-out-rows-only last
+    block does not: its small matrix products split their sums over threads; the scan tolerates that,
+    the masks would not.)"""
+    lm, images, _ = setup("vit", n=6)
+    masks = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            masks[threads] = Replica(lm).masks(images, Config(mask_steps=30, mask_batch=6)).mask
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(masks[1], masks[2])

@@ -28,14 +28,6 @@ class TimmViTAdapter(HeadAdapter):
     def accepts(model: torch.nn.Module) -> bool:
         return isinstance(model, VisionTransformer) and all(hasattr(b, "attn") for b in model.blocks)
 
-    def logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """The model's forward, block by block, ending in `finish` (predictions and masks get its saving too)."""
-        keep = keep or {}
-        tokens = self.embed(x)
-        for layer in range(self.num_layers - 1):
-            tokens = self.block(layer, tokens, keep.get(layer))
-        return self.finish(tokens, keep.get(self.num_layers - 1))
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.patch_embed(x)
