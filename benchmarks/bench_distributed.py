@@ -23,12 +23,13 @@ import ray
 import torch
 from PIL import Image
 
-from bench_scan import RESULTS, machine
+from cigma_ray.bench import machine
 from cigma_ray.config import Config
 from cigma_ray.distributed import RayExecutor
 from cigma_ray.models import ModelSpec
 from cigma_ray.pipeline import Job, Pipeline, Unit
 
+RESULTS = Path(__file__).parent / "results"
 MODEL = ModelSpec("timm:vit_tiny_patch16_224", random_weights=True, num_classes=2, model_kwargs={"img_size": 96})
 CONFIG = Config(tp_ratio=1.0, mask_steps=2, mask_batch=8, unit_images=8, unit_layers=3, bootstrap=0, batch_size=32)
 

@@ -90,17 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", nargs="+", metavar="NAME", help="timm model names (timm: prefix optional)")
     bench.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     bench.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32 on cpu, bf16 on cuda")
-    bench.add_argument("--images", type=int, help="images per scan (default 8 on cpu, 64 on cuda)")
+    bench.add_argument("--images", type=int, help="images per scan (default 6 on cpu, 64 on cuda)")
     bench.add_argument("--batch-sizes", metavar="B1,B2,...", help="batch sizes of the forward and engine sweeps "
                        "(default 1,8,32 on cpu; 32,64,128,256,512 on cuda)")
     bench.add_argument("--mask-steps", type=int, help="mask steps timed (default 5 on cpu, 10 on cuda)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up; the best counts (default 3)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up, each measurement once "
+                       "per round in turn; each keeps its best (default 3)")
     bench.add_argument("--img-size", type=int, help="input size passed to timm.create_model")
     bench.add_argument("--results", default="benchmarks/results", help="folder for the JSON and PNG, relative to "
                        "the current directory (default benchmarks/results)")
     bench.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 top-k comparison")
     from .cluster import add_cluster_parser
     add_cluster_parser(sub)
+    from .export import add_export_parser
+    add_export_parser(sub)
+    from .report_html import add_report_parser
+    add_report_parser(sub)
+    from .prune import add_prune_parsers
+    add_prune_parsers(sub)
     return parser
 
 
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo, "bench": cmd_bench,
-                "cluster": lambda a: a.func(a)}
+                "cluster": lambda a: a.func(a), "export": lambda a: a.func(a),
+                "report": lambda a: a.func(a), "prune": lambda a: a.func(a), "sweep": lambda a: a.func(a)}
     try:
         return commands[args.command](args)
     except USER_ERRORS as e:

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from .config import Config
 from .data import open_source
 from .data.demo import ensure_demo_data
 from .demo_train import DEMO_MODEL_KWARGS, DEMO_MODEL_NAME
 from .models import ModelSpec
-from .pipeline import Job, Pipeline, select_images
-from .prune import EvalSet, evaluate, random_heads, top_heads
+from .pipeline import Job, Pipeline
+from .prune import eval_set, evaluate, random_heads, top_heads
 from .report import format_table, print_top
 
 ASSETS = Path(__file__).parent / "assets"
@@ -36,25 +35,6 @@ def demo_job(out: str, data_root: Path) -> Job:
     return Job(model=spec, data=str(data_root / "scan"), out=out, config=DEMO_CONFIG)
 
 
-def eval_set(pipeline: Pipeline, split: str, folder: Path) -> EvalSet:
-    """All images of a test split, and masks (learned once, on the intact model) for a seeded sample."""
-    source = open_source(str(folder))
-    transform = pipeline.loaded.transform
-    images, ok, failed = source.load(source.records, transform)
-    if failed:
-        raise RuntimeError(f"demo data under {folder} is damaged ({failed[0][1]}); delete it and run the demo again")
-    labels = np.array([r.label for r in ok])
-    sample = select_images([r.image_id for r in ok], EVAL_MASK_IMAGES / len(ok), pipeline.cfg.seed)
-    cache = f"eval/masks-{split}.parquet"
-    if pipeline.run.exists(cache):
-        fg = np.stack(pipeline.run.read_table(cache)["fg"].to_numpy(zero_copy_only=False))
-    else:
-        fg = pipeline.worker.replica.masks(images[sample], pipeline.cfg).fg.reshape(len(sample), -1).numpy()
-        pipeline.run.write_table(cache, pa.table({"image_id": sample, "fg": list(fg)}))
-    side = pipeline.cfg.mask_size
-    return EvalSet(split, images, labels, images[sample], torch.from_numpy(fg).reshape(len(sample), side, side))
-
-
 def run_demo(out: str, progress: bool = True) -> list[dict]:
     data_root = Path(out) / "demo_data"
     paths = ensure_demo_data(data_root)
@@ -68,7 +48,10 @@ def run_demo(out: str, progress: bool = True) -> list[dict]:
     replica = pipeline.worker.replica
     rows = []
     for split in EVAL_SPLITS:
-        data = eval_set(pipeline, split, paths[split])
+        data = eval_set(pipeline, open_source(str(paths[split])), EVAL_MASK_IMAGES, split)
+        if data.skipped:
+            raise RuntimeError(f"demo data under {paths[split]} is damaged ({data.skipped[0]}); delete it and run the "
+                               "demo again")
         rows.append({"removed": "none", **evaluate(replica, data, [], pipeline.cfg)})
         chosen = top_heads(rankings, k)
         rows.append({"removed": f"CIGMA top {k}: " + " ".join(f"{l}.{h}" for l, h in chosen),

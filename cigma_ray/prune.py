@@ -1,15 +1,42 @@
-"""Ablate a set of heads together and measure what changes: accuracy, BIR, NLL, ECE."""
+"""Ablate a set of heads together and measure what changes: accuracy, BIR, NLL, ECE, with bootstrap intervals.
+
+`cigma-ray prune RUN --k K` removes a run's top-K heads and compares the model with the intact one
+and with two controls that remove as many heads: K random heads (several draws) and the K
+lowest-scored heads. A drop that random heads cause too says little about the ranking.
+`cigma-ray sweep RUN --k 0,4,8` does the same for several K and plots it.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import io
+import math
+import posixpath
+import re
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import Config
+from .config import Config, ConfigError, from_dict
+from .data import DataError, ImageSource, open_source
 from .engine import Replica
-from .method import accuracy, bir_summary, ece, nll
+from .method import bootstrap, weighted_ece
+from .method.metrics import EPS
+from .models import ModelError, ModelSpec
+from .pipeline import Job, Pipeline, RunMismatch, progress_bar, select_images
+from .report import format_table
+from .storage import RunDir, StorageError
+
+COLUMNS = {"accuracy": "accuracy", "bir_mean": "BIR (mean)", "bir_ratio": "BIR (ratio)", "nll": "NLL", "ece": "ECE"}
+MASK_IMAGES = 64  # default images per eval set whose masks are learned for BIR
+RANDOM_SEEDS = 5
+# A pruned model has collapsed when its accuracy is within COLLAPSE_MARGIN of chance and removing the
+# foreground or the background barely moves its prediction (mean FIG and BIG below COLLAPSE_GAIN nats).
+COLLAPSE_MARGIN = 0.05
+COLLAPSE_GAIN = 1e-3
+CONTROL_NAMES = {"intact": "none", "cigma": "CIGMA top {k}", "random": "{k} random", "lowest": "{k} lowest-scored"}
 
 
 @dataclass
@@ -21,6 +48,13 @@ class EvalSet:
     labels: np.ndarray
     mask_images: torch.Tensor
     fg: torch.Tensor
+    url: str = ""
+    in_sample: bool = False  # the scan's own data: BIR on D, the very images the heads were ranked on
+    skipped: list[str] = field(default_factory=list)  # unreadable images, "path: error"
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(np.unique(self.labels))
 
 
 def top_heads(rankings: pa.Table, k: int, lowest: bool = False) -> list[tuple[int, int]]:
@@ -34,19 +68,402 @@ def random_heads(heads: list[tuple[int, int]], k: int, seed: int) -> list[tuple[
     return [heads[i] for i in sorted(rng.choice(len(heads), size=k, replace=False))]
 
 
-def check_k(k: int, n_heads: int) -> None:
-    from .config import ConfigError
-
+def check_k(k: int, n_heads: int, name: str = "top_k") -> None:
     if not 0 <= k <= n_heads:
-        raise ConfigError(f"top_k={k}: the model has {n_heads} heads; choose K between 1 and {n_heads}")
+        raise ConfigError(f"{name}={k}: the model has {n_heads} heads; choose K of at most {n_heads}")
 
 
-def evaluate(replica: Replica, data: EvalSet, removed: list[tuple[int, int]], cfg: Config) -> dict:
-    """Metrics of the model with `removed` heads ablated together (intact when empty)."""
+# -- metrics ---------------------------------------------------------------------------------------
+
+def prediction_statistics(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy, NLL and ECE as functions of per-image weights, for `method.bootstrap`."""
+    p = np.asarray(probs, dtype=np.float64)
+    correct = (p.argmax(axis=1) == labels).astype(np.float64)
+    loss = -np.log(np.clip(p[np.arange(len(labels)), labels], EPS, None))
+    conf = p.max(axis=1)
+    return {"accuracy": lambda w: w @ correct / w.sum(axis=1), "nll": lambda w: w @ loss / w.sum(axis=1),
+            "ece": lambda w: weighted_ece(conf, correct, w)}
+
+
+def bir_statistics(fig: np.ndarray, big: np.ndarray) -> dict:
+    """Mean BIR and ratio-of-means BIR over images with FIG + BIG > 0 (as `bir_summary`), under per-image weights."""
+    fig, big = np.asarray(fig, dtype=np.float64), np.asarray(big, dtype=np.float64)
+    ok = ((fig + big) > 0).astype(np.float64)
+    bir = np.divide(big, fig + big, out=np.zeros_like(big), where=ok > 0)
+
+    def ratio(w, num, den):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (w @ num) / (w @ den)
+
+    return {"bir_mean": lambda w: ratio(w, bir, ok), "bir_ratio": lambda w: ratio(w, big * ok, (fig + big) * ok)}
+
+
+def evaluate(replica: Replica, data: EvalSet, removed: list[tuple[int, int]], cfg: Config,
+             intervals: bool = False) -> dict:
+    """Metrics of the model with `removed` heads ablated together (intact when empty).
+
+    With `intervals`, each metric gets `_low`/`_high`: a bootstrap over the eval images (accuracy, NLL,
+    ECE) or the mask images (BIR), `cfg.bootstrap` resamples seeded by `cfg.seed`, the same for
+    every set of removed heads.
+    """
     keep = replica.keep_without(removed)
     p = torch.softmax(replica.logits(data.images, keep) / cfg.tau, dim=1).numpy()
     fig, big, _ = replica.gains(data.mask_images, data.fg, cfg.tau, keep)
-    bir = bir_summary(fig.numpy(), big.numpy())
-    return {"set": data.name, "k": len(removed), "accuracy": accuracy(p, data.labels), "nll": nll(p, data.labels),
-            "ece": ece(p, data.labels), "bir_mean": bir["bir_mean"], "bir_ratio": bir["bir_ratio"],
-            "fig": float(fig.mean()), "big": float(big.mean())}
+    fig, big = fig.numpy(), big.numpy()
+    resamples = cfg.bootstrap if intervals else 0
+    stats = {**bootstrap(prediction_statistics(p, data.labels), len(p), resamples, cfg.ci_level, cfg.seed),
+             **bootstrap(bir_statistics(fig, big), len(fig), resamples, cfg.ci_level, cfg.seed)}
+    row = {"set": data.name, "k": len(removed)}
+    for name, (point, low, high) in stats.items():
+        row[name] = point
+        if intervals:
+            row[f"{name}_low"], row[f"{name}_high"] = low, high
+    return {**row, "fig": float(fig.mean()), "big": float(big.mean())}
+
+
+def collapsed(row: dict, chance: float) -> bool:
+    return row["accuracy"] <= chance + COLLAPSE_MARGIN and row["fig"] < COLLAPSE_GAIN and row["big"] < COLLAPSE_GAIN
+
+
+# -- the run and its eval sets ---------------------------------------------------------------------
+
+def run_job(run: RunDir, device: str = "cpu", checkpoint: str | None = None) -> Job:
+    """The Job that made a run, read back from its run.json, so its Pipeline rebuilds the scanned model and data.
+
+    Belongs in pipeline.py (as `Job.from_run`); export and report read run.json the same way.
+    """
+    meta = run.read_json("run.json")
+    m = meta["model"]
+    spec = ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
+                     img_size=m["img_size"], model_kwargs=m["model_kwargs"],
+                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"])
+    return Job(model=spec, data=meta["data"]["url"], out=run.url,
+               config=from_dict(meta["config"], source=f"{run.url}/run.json"), device=device,
+               precision=meta["precision"])
+
+
+def open_scanned(run: RunDir, device: str = "cpu", checkpoint: str | None = None) -> Pipeline:
+    """The run's Pipeline, which checks that model, data and config are still the ones scanned."""
+    try:
+        return Pipeline(run_job(run, device, checkpoint), progress=False)
+    except (DataError, ModelError, RunMismatch) as e:
+        raise type(e)(f"cannot rebuild the scan of {run.url} as run.json records it: {e}") from None
+
+
+def scan_eval_set(pipeline: Pipeline, name: str | None = None) -> EvalSet:
+    """Every readable image of the scan's data; BIR on D with the run's own masks (in-sample)."""
+    source = pipeline.source
+    images, ok, failed = source.load(source.records, pipeline.loaded.transform)
+    if not ok:
+        raise DataError(f"{source.url}: none of its images can be read now")
+    position = {r.image_id: i for i, r in enumerate(ok)}
+    masks = pipeline.run.read_folder("masks", ["image_id", "fg"]).sort_by("image_id")
+    masks = masks.filter(pa.array([i in position for i in masks["image_id"].to_pylist()]))
+    side = pipeline.cfg.mask_size
+    fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(-1, side, side)
+    return EvalSet(name or set_name(source.url), images, np.array([r.label for r in ok]),
+                   images[[position[i] for i in masks["image_id"].to_pylist()]], fg, source.url, True,
+                   [f"{r.path}: {e}" for r, e in failed])
+
+
+def open_eval_source(pipeline: Pipeline, url: str) -> ImageSource:
+    """An eval data set whose labels mean the same model outputs as the scan's: class folders named by
+    output index, or the very class names the scan had (mapped by sorted position, as there)."""
+    source = open_source(url)
+    outputs = pipeline.loaded.num_classes
+    if all(c.isdigit() for c in source.classes):
+        too_big = [c for c in source.classes if int(c) >= outputs]
+        if too_big:
+            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {pipeline.job.model.name}, "
+                            f"which has {outputs} classes")
+        return source
+    scanned = pipeline.manifest["data"]["classes"]
+    if source.classes != scanned:
+        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {pipeline.run.url} was "
+                        f"scanned with {', '.join(scanned)}; named classes must be the same ones, so that each means "
+                        f"the same output (or name the class folders by output index: 0 to {outputs - 1})")
+    return source
+
+
+def eval_set(pipeline: Pipeline, source: ImageSource, mask_images: int, name: str | None = None) -> EvalSet:
+    """All readable images of a data set, and masks learned on the intact model for a seeded sample.
+
+    The masks are cached in eval/, keyed by the data's listing and the sample size, and learned in
+    groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
+    """
+    images, ok, failed = source.load(source.records, pipeline.loaded.transform)
+    if not ok:
+        raise DataError(f"--eval-data {source.url}: none of its {len(source)} images can be read "
+                        f"({failed[0][1]})")
+    count = min(mask_images, len(ok))
+    sample = select_images(range(len(ok)), count / len(ok), pipeline.cfg.seed)
+    name = name or set_name(source.url)
+    cache = f"eval/masks-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{source.fingerprint()[:12]}-n{count}.parquet"
+    if pipeline.run.exists(cache):
+        fg = np.stack(pipeline.run.read_table(cache)["fg"].to_numpy(zero_copy_only=False))
+    else:
+        print(f"learning masks of {len(sample)} images of {name} on the intact model, for BIR (kept in {cache})",
+              file=sys.stderr)
+        batch = pipeline.cfg.mask_batch
+        fg = np.concatenate([pipeline.worker.replica.masks(images[sample[i: i + batch]], pipeline.cfg).fg
+                             .reshape(len(sample[i: i + batch]), -1).numpy() for i in range(0, len(sample), batch)])
+        pipeline.run.write_table(cache, pa.table({"image_id": [ok[i].image_id for i in sample], "fg": list(fg)}))
+    side = pipeline.cfg.mask_size
+    return EvalSet(name, images, np.array([r.label for r in ok]), images[sample],
+                   torch.from_numpy(fg).reshape(len(sample), side, side), source.url, False,
+                   [f"{r.path}: {e}" for r, e in failed])
+
+
+def set_name(url: str) -> str:
+    base = posixpath.basename(url.rstrip("/"))
+    return base[: -len(".parquet")] if base.endswith(".parquet") else base or url
+
+
+def eval_sets(pipeline: Pipeline, urls: list[str] | None, mask_images: int) -> list[EvalSet]:
+    """The --eval-data sets (the scan's own data, with D's masks, when given none or named among them).
+
+    Every source is opened and checked before any images are read or masks learned.
+    """
+    if not urls:
+        return [scan_eval_set(pipeline)]
+    sources = [open_eval_source(pipeline, url) for url in urls]
+    scanned = pipeline.manifest["data"]["fingerprint"]
+    names: list[str] = []
+    for s in sources:
+        base = set_name(s.url)
+        names.append(base if base not in names else f"{base}-{len(names) + 1}")
+    return [scan_eval_set(pipeline, name) if s.fingerprint() == scanned else eval_set(pipeline, s, mask_images, name)
+            for s, name in zip(sources, names)]
+
+
+# -- controls --------------------------------------------------------------------------------------
+
+def control_heads(rankings: pa.Table, heads: list[tuple[int, int]], k: int, seeds: list[int]) -> list[tuple]:
+    """(control, seed, heads) of the CIGMA top K and its controls: K random heads per seed, the K lowest-scored."""
+    return ([("cigma", None, top_heads(rankings, k))] + [("random", s, random_heads(heads, k, s)) for s in seeds]
+            + [("lowest", None, top_heads(rankings, k, lowest=True))])
+
+
+def experiment_rows(replica: Replica, data: EvalSet, plan: list[tuple], cfg: Config, bar) -> list[dict]:
+    """One row per (control, seed, heads) of the plan on one eval set, with every metric and its interval."""
+    rows = []
+    for control, seed, removed in plan:
+        row = evaluate(replica, data, removed, cfg, intervals=True)
+        metrics = {key: value for key, value in row.items() if key not in ("set", "k")}
+        rows.append({"set": data.name, "url": data.url, "control": control, "seed": seed, "k": len(removed),
+                     "heads": " ".join(f"{l}.{h}" for l, h in removed), **metrics,
+                     "n_images": len(data.labels), "n_unreadable": len(data.skipped), "n_mask_images": len(data.fg),
+                     "bir_in_sample": data.in_sample, "chance": data.chance, "collapsed": collapsed(row, data.chance)})
+        bar.update(1)
+    return rows
+
+
+def run_experiments(pipeline: Pipeline, sets: list[EvalSet], ks: list[int], seeds: list[int],
+                    progress: bool) -> list[dict]:
+    """The intact model and, for each K > 0, the CIGMA top K and its controls, on every eval set."""
+    rankings = pipeline.run.read_table("rankings.parquet")
+    plan = [("intact", None, [])] + [c for k in ks if k > 0 for c in control_heads(rankings, pipeline.adapter.heads, k, seeds)]
+    with progress_bar("prune", len(plan) * len(sets), 0, "eval", progress) as bar:
+        return [row for data in sets for row in experiment_rows(pipeline.worker.replica, data, plan, pipeline.cfg, bar)]
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def cell(point: float, low: float, high: float) -> str:
+    if math.isnan(point):
+        return "n/a"
+    return f"{point:.3f}" if math.isnan(low) else f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """Rows of one eval set: intact, then per K the CIGMA top K, random K (mean [min, max] over draws), lowest K."""
+    out = []
+    for k in sorted({r["k"] for r in rows}):
+        for control in ("intact", "cigma", "random", "lowest"):
+            group = [r for r in rows if r["k"] == k and r["control"] == control]
+            if not group:
+                continue
+            label = CONTROL_NAMES[control].format(k=k)
+            if control == "random":
+                label += f" (mean of {len(group)})"
+                values = [cell(float(np.mean([r[m] for r in group])), min(r[m] for r in group), max(r[m] for r in group))
+                          for m in COLUMNS]
+            else:
+                values = [cell(group[0][m], group[0][f"{m}_low"], group[0][f"{m}_high"]) for m in COLUMNS]
+            out.append([label] + values)
+    return out
+
+
+def collapse_notes(rows: list[dict]) -> list[str]:
+    notes = []
+    for k in sorted({r["k"] for r in rows}):
+        for control in ("intact", "cigma", "random", "lowest"):
+            group = [r for r in rows if r["k"] == k and r["control"] == control]
+            bad = [r for r in group if r["collapsed"]]
+            if not bad:
+                continue
+            r = bad[0]
+            who = CONTROL_NAMES[control].format(k=k) + (f" ({len(bad)} of {len(group)} draws)" if control == "random" else "")
+            notes.append(f"collapsed: {who}: accuracy {r['accuracy']:.3f} is chance (1/{round(1 / r['chance'])}) and mean "
+                         f"FIG {r['fig']:.4f}, BIG {r['big']:.4f} are near zero: the pruned model no longer uses the image")
+    return notes
+
+
+def report(rows: list[dict], cfg: Config, seeds: list[int]) -> str:
+    """The terminal output: one table per eval set, with what its intervals and controls mean."""
+    intervals = (f"[low, high]: {cfg.ci_level:.0%} bootstrap interval over images ({cfg.bootstrap} resamples); "
+                 if cfg.bootstrap else "no intervals (config bootstrap: 0); ")
+    lines = [intervals + f"random rows: mean of {len(seeds)} draws [min, max over the draws]"]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        group = [r for r in rows if r["set"] == name]
+        first = group[0]
+        bir = (f"BIR on the {first['n_mask_images']} images of D with the run's masks: in-sample, the images the heads "
+               "were ranked on" if first["bir_in_sample"] else
+               f"BIR on {first['n_mask_images']} images, masks learned on the intact model")
+        unreadable = f", {first['n_unreadable']} unreadable left out" if first["n_unreadable"] else ""
+        lines += ["", f"{name}: {first['url']} ({first['n_images']} images{unreadable}; {bir})",
+                  format_table(["heads removed", *COLUMNS.values()], table_rows(group), "l" + "r" * len(COLUMNS))]
+        lines += collapse_notes(group)
+    return "\n".join(lines)
+
+
+def heads_lines(rankings: pa.Table, ks: list[int]) -> list[str]:
+    top, low = max(ks), [k for k in ks if k > 0]
+    if not low:
+        return []
+    def named(heads):
+        return " ".join(f"{l}.{h}" for l, h in heads)
+    if len(low) == 1:
+        return [f"CIGMA top {top}: {named(top_heads(rankings, top))}",
+                f"{top} lowest-scored: {named(top_heads(rankings, top, lowest=True))}"]
+    return [f"CIGMA order (top K = the first K): {named(top_heads(rankings, top))}",
+            f"lowest-scored first (lowest K = the first K): {named(top_heads(rankings, top, lowest=True))}"]
+
+
+def sweep_figure(rows: list[dict], ci_level: float) -> bytes:
+    """Accuracy and mean BIR against K, a row of panels per eval set. CIGMA with its bootstrap band, random
+    heads as the mean of the draws with a min-max band, lowest-scored; every line starts at the intact model."""
+    from matplotlib.figure import Figure
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    fig = Figure(figsize=(11, 3.6 * len(sets)), layout="constrained")
+    axes = fig.subplots(len(sets), 2, squeeze=False)
+    styles = {"cigma": ("CIGMA top K", "tab:red", "o"), "random": ("K random heads", "tab:blue", "s"),
+              "lowest": ("K lowest-scored", "tab:green", "^")}
+    for panels, name in zip(axes, sets):
+        group = [r for r in rows if r["set"] == name]
+        intact = next(r for r in group if r["control"] == "intact")
+        ks = sorted({r["k"] for r in group if r["k"] > 0})
+        for ax, metric, title in zip(panels, ("accuracy", "bir_mean"), ("accuracy", "BIR (mean over images)")):
+            for control, (legend, colour, marker) in styles.items():
+                draws = [[r[metric] for r in group if r["control"] == control and r["k"] == k] for k in ks]
+                if control == "random":
+                    low, high = [min(d) for d in draws], [max(d) for d in draws]
+                else:
+                    low = [r[f"{metric}_low"] for k in ks for r in group if r["control"] == control and r["k"] == k]
+                    high = [r[f"{metric}_high"] for k in ks for r in group if r["control"] == control and r["k"] == k]
+                x, y = [0] + ks, [intact[metric]] + [float(np.mean(d)) for d in draws]
+                ax.plot(x, y, color=colour, marker=marker, label=legend)
+                if control != "lowest":
+                    ax.fill_between(x, [intact[f"{metric}_low"]] + low, [intact[f"{metric}_high"]] + high, color=colour,
+                                    alpha=0.15, linewidth=0)
+            gone = [r["k"] for r in group if r["control"] == "cigma" and r["collapsed"]]
+            for k in gone:
+                ax.axvline(k, color="tab:red", linestyle="--", linewidth=1,
+                           label="CIGMA top K collapsed" if k == gone[0] else None)
+            if metric == "accuracy":
+                ax.axhline(intact["chance"], color="grey", linestyle=":", linewidth=1, label="chance")
+                ax.set_ylim(-0.02, 1.02)
+            in_sample = " (in-sample: D)" if metric == "bir_mean" and intact["bir_in_sample"] else ""
+            ax.set_title(f"{name}: {title}{in_sample}")
+            ax.set_xlabel("K (heads removed together; 0 = intact)")
+            ax.set_xticks([0] + ks)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize="small")
+    fig.suptitle(f"Bands: CIGMA {ci_level:.0%} bootstrap interval over images; random heads min-max over draws")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+def prepare(args: argparse.Namespace, ks: list[int] | None) -> tuple[Pipeline, list[EvalSet], list[int], list[int]]:
+    """Check the run, K (None: the run's top_k) and the options before any model or image is loaded;
+    then (the run's pipeline, eval sets, random seeds, K values)."""
+    from .cli import check_device, open_run
+
+    run = open_run(args.run)
+    meta = run.read_json("run.json")
+    if not run.exists("rankings.parquet"):
+        raise StorageError(f"{args.run} has no rankings.parquet yet, so there are no top heads to {args.command}: "
+                           f"finish the run with the scan command that made it (`cigma-ray scan --model "
+                           f"{meta['model']['name']} --data {meta['data']['url']} --out {args.run} ...`; "
+                           f"`cigma-ray status {args.run}` says what is missing)")
+    ks = [meta["config"]["top_k"]] if ks is None else ks
+    for k in ks:
+        check_k(k, sum(meta["plan"]["heads_per_layer"]), "--k")
+    if args.mask_images < 1 or args.random_seeds < 1:
+        raise ConfigError("--mask-images and --random-seeds must be at least 1")
+    pipeline = open_scanned(run, check_device(args.device), args.checkpoint)
+    seeds = [pipeline.cfg.seed + i for i in range(args.random_seeds)]
+    return pipeline, eval_sets(pipeline, args.eval_data, args.mask_images), seeds, ks
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    pipeline, sets, seeds, (k,) = prepare(args, None if args.k is None else [args.k])
+    rows = run_experiments(pipeline, sets, [k], seeds, not args.quiet)
+    out = f"eval/prune-k{k}.parquet"
+    pipeline.run.write_table(out, pa.Table.from_pylist(rows))
+    print(f"removing {k} heads together, against {k} random heads and the {k} lowest-scored:")
+    print("\n".join(heads_lines(pipeline.run.read_table("rankings.parquet"), [k])))
+    print(report(rows, pipeline.cfg, seeds))
+    print(f"\nresults in {pipeline.run.path(out)}")
+    return 0
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ConfigError(f"--k {text!r}: write K values separated by commas, e.g. --k 0,4,8,16") from None
+    return ks
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    pipeline, sets, seeds, ks = prepare(args, parse_ks(args.k))
+    rows = run_experiments(pipeline, sets, ks, seeds, not args.quiet)
+    pipeline.run.write_table("eval/sweep.parquet", pa.Table.from_pylist(rows))
+    pipeline.run.write_bytes("eval/sweep.png", sweep_figure(rows, pipeline.cfg.ci_level))
+    print(f"removing K heads together for K = {', '.join(map(str, ks))}, against K random and K lowest-scored heads:")
+    print("\n".join(heads_lines(pipeline.run.read_table("rankings.parquet"), ks)))
+    print(report(rows, pipeline.cfg, seeds))
+    print(f"\nresults in {pipeline.run.path('eval/sweep.parquet')}, plot in {pipeline.run.path('eval/sweep.png')}")
+    return 0
+
+
+def add_prune_parsers(subparsers) -> None:
+    """Register `prune` and `sweep` on the `cigma-ray` sub-command parser."""
+    prune = subparsers.add_parser("prune", help="remove a run's top-K heads together and evaluate against K random "
+                                  "and K lowest-scored heads", description="Evaluates the intact model, the model "
+                                  "without the run's top K heads, K random heads (several draws) and the K "
+                                  "lowest-scored heads on each eval set: accuracy, BIR (mean and ratio of means), NLL "
+                                  "and ECE, with bootstrap intervals. Writes RUN/eval/prune-kK.parquet.")
+    prune.add_argument("run", help="run directory with a rankings.parquet")
+    prune.add_argument("--k", type=int, help="heads to remove (default: the run's top_k)")
+    sweep = subparsers.add_parser("sweep", help="prune for several K; table, eval/sweep.parquet and eval/sweep.png",
+                                  description="`prune` for each K, with a plot of accuracy and BIR against K for "
+                                  "the CIGMA top K and the controls (RUN/eval/sweep.png).")
+    sweep.add_argument("run", help="run directory with a rankings.parquet")
+    sweep.add_argument("--k", required=True, metavar="K1,K2,...", help="numbers of heads to remove, e.g. 0,4,8,16")
+    for p, func in ((prune, cmd_prune), (sweep, cmd_sweep)):
+        p.add_argument("--eval-data", action="append", metavar="PATH", help="ImageFolder directory or Parquet table "
+                       "to evaluate on, as --data of scan; repeat for several (default: the scan's own data)")
+        p.add_argument("--mask-images", type=int, default=MASK_IMAGES, metavar="N", help="images per eval set whose masks are "
+                       f"learned for BIR (default {MASK_IMAGES}; the scan's own data uses the run's masks of D)")
+        p.add_argument("--random-seeds", type=int, default=RANDOM_SEEDS, metavar="N", help="draws of K random heads "
+                       f"(default {RANDOM_SEEDS})")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+        p.add_argument("--checkpoint", metavar="FILE", help="the scanned weights, when the file has moved since the scan")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=func)

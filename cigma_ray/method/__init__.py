@@ -2,8 +2,8 @@
 from .divergence import js, kl, probs
 from .gains import bir_summary, gains
 from .masks import baseline, counterfactuals, foreground_cells, optimise_masks
-from .metrics import accuracy, ece, nll
+from .metrics import accuracy, bootstrap, ece, nll, weighted_ece
 from .scores import head_scores, ranks
 
 __all__ = ["js", "kl", "probs", "gains", "bir_summary", "baseline", "counterfactuals", "foreground_cells",
-           "optimise_masks", "accuracy", "ece", "nll", "head_scores", "ranks"]
+           "optimise_masks", "accuracy", "bootstrap", "ece", "nll", "weighted_ece", "head_scores", "ranks"]
