@@ -1,4 +1,4 @@
-"""The `cigma-ray` command: scan, show, demo, bench."""
+"""The `cigma-ray` command: scan, show, status, demo, prune, sweep, export, report, bench, cluster."""
 from __future__ import annotations
 
 import argparse
