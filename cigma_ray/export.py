@@ -28,7 +28,8 @@ from torch import nn
 
 from . import __version__
 from .config import ConfigError
-from .models import LoadedModel, ModelError, ModelSpec, load
+from .models import LoadedModel, ModelError, ModelSpec
+from .pipeline import load_scanned, scanned_model_spec
 from .storage import RunDir, StorageError
 
 SMALLER_FORMAT = "cigma-ray/smaller-vit/1"
@@ -47,15 +48,6 @@ class RemovedAttention(nn.Module):
 
 
 # -- the run: which model, which heads ------------------------------------------------------------
-
-def run_model_spec(meta: dict, checkpoint: str | None = None) -> ModelSpec:
-    """The ModelSpec that rebuilds the model a run scanned, from its run.json."""
-    m = meta["model"]
-    weights = m["weights"]
-    return ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
-                     img_size=m["img_size"], model_kwargs=m["model_kwargs"],
-                     random_weights=weights.startswith("random:"), seed=meta["config"]["seed"])
-
 
 def timm_kwargs(spec: ModelSpec) -> dict:
     """The `timm.create_model` keyword arguments of a spec, as the loader passes them (num_classes aside)."""
@@ -104,16 +96,11 @@ def chosen_heads(run: RunDir, meta: dict, k: int | None, heads: str | None) -> t
 
 
 def load_run_model(run: RunDir, meta: dict, checkpoint: str | None) -> tuple[ModelSpec, LoadedModel]:
-    """The scanned model, refusing weights other than the ones the run's ranking belongs to."""
-    spec = run_model_spec(meta, checkpoint)
+    """The scanned model (timm only), refusing weights other than the ones the run's ranking belongs to."""
+    spec = scanned_model_spec(meta, checkpoint)
     if spec.family != "timm":
         raise ModelError(f"{run.url} scanned {spec.name}; export writes timm models only")
-    loaded = load(spec)
-    if loaded.fingerprint["weights"] != meta["model"]["weights"]:
-        raise ModelError(f"the weights loaded for {spec.name} ({loaded.fingerprint['weights']}) are not the ones "
-                         f"{run.url} scanned ({meta['model']['weights']}); the checkpoint changed since the scan. "
-                         "Pass the original file with --checkpoint")
-    return spec, loaded
+    return spec, load_scanned(run.url, meta, checkpoint=checkpoint)
 
 
 # -- (a) zeroed weights, same architecture --------------------------------------------------------

@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .data import DataError, ImageSource, open_source
 from .engine import Replica
 from .method import head_scores, ranks
-from .models import LoadedModel, ModelSpec, load
+from .models import LoadedModel, ModelError, ModelSpec, load
 from .storage import RunDir
 
 
@@ -413,6 +413,25 @@ def delta_matrix(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], i
         raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
                            f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
     return matrix
+
+
+def scanned_model_spec(meta: dict, checkpoint: str | None = None) -> ModelSpec:
+    """The ModelSpec that rebuilds the model a run scanned, from its run.json (`checkpoint` if the file moved)."""
+    m = meta["model"]
+    return ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
+                     img_size=m["img_size"], model_kwargs=m["model_kwargs"],
+                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"])
+
+
+def load_scanned(url: str, meta: dict, device: str = "cpu", checkpoint: str | None = None) -> LoadedModel:
+    """The model a run scanned, refusing weights other than the ones its ranking belongs to."""
+    spec = scanned_model_spec(meta, checkpoint)
+    loaded = load(spec, device)
+    if loaded.fingerprint["weights"] != meta["model"]["weights"]:
+        raise ModelError(f"the weights loaded for {spec.name} ({loaded.fingerprint['weights']}) are not the ones "
+                         f"{url} scanned ({meta['model']['weights']}); the checkpoint changed since the scan. "
+                         "Pass the original file with --checkpoint")
+    return loaded
 
 
 class UnitsFailed(RuntimeError):

@@ -24,8 +24,8 @@ from .data import DataError, ImageSource, open_source
 from .engine import Replica
 from .method import bootstrap, weighted_ece
 from .method.metrics import EPS
-from .models import ModelError, ModelSpec
-from .pipeline import Job, Pipeline, RunMismatch, progress_bar, select_images
+from .models import ModelError
+from .pipeline import Job, Pipeline, RunMismatch, progress_bar, scanned_model_spec, select_images
 from .report import format_table
 from .storage import RunDir, StorageError
 
@@ -128,16 +128,9 @@ def collapsed(row: dict, chance: float) -> bool:
 # -- the run and its eval sets ---------------------------------------------------------------------
 
 def run_job(run: RunDir, device: str = "cpu", checkpoint: str | None = None) -> Job:
-    """The Job that made a run, read back from its run.json, so its Pipeline rebuilds the scanned model and data.
-
-    Belongs in pipeline.py (as `Job.from_run`); export and report read run.json the same way.
-    """
+    """The Job that made a run, read back from its run.json, so its Pipeline rebuilds the scanned model and data."""
     meta = run.read_json("run.json")
-    m = meta["model"]
-    spec = ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
-                     img_size=m["img_size"], model_kwargs=m["model_kwargs"],
-                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"])
-    return Job(model=spec, data=meta["data"]["url"], out=run.url,
+    return Job(model=scanned_model_spec(meta, checkpoint), data=meta["data"]["url"], out=run.url,
                config=from_dict(meta["config"], source=f"{run.url}/run.json"), device=device,
                precision=meta["precision"])
 

@@ -22,7 +22,8 @@ from .config import Config, ConfigError
 from .data import DataError, open_source
 from .engine import Replica
 from .method import counterfactuals, probs
-from .models import LoadedModel, ModelError, ModelSpec, load
+from .models import LoadedModel
+from .pipeline import load_scanned
 from .storage import RunDir, StorageError
 
 REPORT_DIR = "report"
@@ -54,22 +55,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # -- rebuilding what the run scanned ---------------------------------------------------------------
-
-def load_scanned_model(run: RunDir, meta: dict, device: str, checkpoint: str | None) -> LoadedModel:
-    """The model the run scanned, from run.json; other weights than the scanned ones are refused.
-
-    The pipeline builds a model from command-line arguments only, so this reads them back.
-    """
-    m = meta["model"]
-    spec = ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
-                     img_size=m["img_size"], model_kwargs=m["model_kwargs"],
-                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"])
-    loaded = load(spec, device)
-    if loaded.fingerprint["weights"] != m["weights"]:
-        raise ModelError(f"the weights loaded for {spec.name} ({loaded.fingerprint['weights']}) are not the ones "
-                         f"{run.url} scanned ({m['weights']}); pass the original file with --checkpoint")
-    return loaded
-
 
 def open_scanned_data(meta: dict):
     source = open_source(meta["data"]["url"])
@@ -298,7 +283,7 @@ def image_panels(run: RunDir, meta: dict, masks: pa.Table, removed: list[tuple[i
                  device: str, checkpoint: str | None) -> list[ImagePanel]:
     """`n_images` images spread evenly over D (by image id, so over the classes of an ImageFolder),
     with what the method made of them."""
-    loaded = load_scanned_model(run, meta, device, checkpoint)
+    loaded = load_scanned(run.url, meta, device, checkpoint)
     source = open_scanned_data(meta)
     cfg = Config(**meta["config"])
     masks = masks.sort_by("image_id")
