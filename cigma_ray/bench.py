@@ -41,7 +41,7 @@ TARGETS = {
     ("cuda", "bf16"): {"engine_over_forward": 1.2, "engine_over_paper_loop": 5.0, "masks_over_bound": 1.2},
 }
 RATIO_LABELS = {"engine_over_forward": "engine / forward", "engine_over_paper_loop": "engine / paper loop",
-                "masks_over_bound": "masks / bound"}
+                "masks_over_bound": "masks / bound", "fig_cost": "scan time with FIG^(-h)"}
 MASK_BOUND = "forward_best / (3 x steps) masks/s: a mask step is a forward and a backward (~3 forwards)"
 BF16_SEEDS = (0, 1, 2)
 TOP_K = 16
@@ -189,13 +189,13 @@ def paper_loop(lm: LoadedModel, device: torch.device, precision: str, images: to
     model = lm.adapter.model
     with replica.autocast():
         return scan_by_weight_zeroing(model, find_attentions(model), x, x_no_bg, lm.adapter.heads, Config().tau,
-                                      batch_size)
+                                      batch_size).big
 
 
 def max_difference_fp32(lm: LoadedModel, device: torch.device, images: torch.Tensor, fg: torch.Tensor,
                         batch_size: int) -> float:
     """max |engine - loop| with both in fp32, the only precision where the engine claims exactness."""
-    engine = Replica(lm, str(device), "fp32", batch_size).scan(images, fg, lm.adapter.heads, Config().tau)
+    engine = Replica(lm, str(device), "fp32", batch_size).scan(images, fg, lm.adapter.heads, Config().tau).big
     return float((engine - paper_loop(lm, device, "fp32", images, fg, batch_size)).abs().max())
 
 
@@ -216,7 +216,7 @@ def head_score(replica: Replica, images: torch.Tensor, fg: torch.Tensor, heads: 
     """CIGMA score per head as a run computes it: BIG of the intact model minus BIG^(-h), averaged over images."""
     tau = Config().tau
     _, big, _ = replica.gains(images, fg, tau)
-    ablated = replica.scan(images, fg, heads, tau).numpy().astype(np.float64)
+    ablated = replica.scan(images, fg, heads, tau).big.numpy().astype(np.float64)
     return head_scores(big.numpy().astype(np.float64)[None, :] - ablated, bootstrap=0)["score"]
 
 
@@ -269,7 +269,9 @@ def run_bench(model: str, device: str, precision: str, images: int, batch_sizes:
     calls = {
         **{f"forward {size}": lambda r=replicas[size], n=max(size, images): r.logits(x_forward[:n])
            for size in batch_sizes},
-        **{f"engine {size}": lambda r=replicas[size]: r.scan(x, fg, heads, tau) for size in batch_sizes},
+        **{f"engine {size}": lambda r=replicas[size]: r.scan(x, fg, heads, tau).big for size in batch_sizes},
+        # the scan with FIG^(-h) too (config measure_fig), at the largest batch: 3 forwards per pair instead of 2
+        "engine+fig": lambda r=replicas[max(batch_sizes)]: r.scan(x, fg, heads, tau, measure_fig=True).big,
         "paper loop": lambda: paper_loop(lm, dev, precision, x, fg, loop_batch),
         f"masks {mask_steps} steps": lambda: mask_replica.masks(x, mask_cfg),
         "masks 0 steps": lambda: mask_replica.masks(x, mask_cfg.replace(mask_steps=0)),
@@ -296,7 +298,8 @@ def run_bench(model: str, device: str, precision: str, images: int, batch_sizes:
 
     ratios = {"engine_over_forward": engine["best_pairs_per_s"] / forward["best_images_per_s"],
               "engine_over_paper_loop": engine["best_pairs_per_s"] / loop["pairs_per_s"],
-              "masks_over_bound": masks["steps_only_masks_per_s"] / masks["bound_masks_per_s"]}
+              "masks_over_bound": masks["steps_only_masks_per_s"] / masks["bound_masks_per_s"],
+              "fig_cost": seconds["engine+fig"] / seconds[f"engine {max(batch_sizes)}"]}
     targets = TARGETS.get((dev.type, precision), {})
     return {
         "model": model, "params_millions": sum(p.numel() for p in lm.adapter.model.parameters()) / 1e6,

@@ -38,12 +38,21 @@ def check_device(device: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm:NAME, e.g. timm:vit_base_patch16_224")
+    p.add_argument("--model", required=True, help="timm:NAME (e.g. timm:vit_base_patch16_224), or hf:DIR for a "
+                   "transformers CLIP, LLaVA, LLaVA-NeXT or InternVL directory (or an s3://... copy of one)")
     p.add_argument("--checkpoint", help="weights file (PyTorch or safetensors state dict)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: from the checkpoint, else timm's)")
     p.add_argument("--img-size", type=int, help="input size passed to timm.create_model")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="more timm.create_model arguments")
     p.add_argument("--random-weights", action="store_true", help="scan a randomly initialised model (tests, benchmarks)")
+    p.add_argument("--classes", metavar="FILE", help="hf: class names, one per line in label order (default: the "
+                   "data's class folder names)")
+    p.add_argument("--prompt", action="append", default=[], help="hf: a CLIP prompt template with {} (repeat for "
+                   "an ensemble; default 'a photo of a {}.'), or a VLM's question with {classes}")
+    p.add_argument("--heads", default="vision", choices=["vision", "vision+text"], help="hf: the heads to scan "
+                   "(a VLM's vision encoder, or also its language model; default vision)")
+    p.add_argument("--scoring", default="sequence", choices=["sequence", "first"], help="hf VLM: a class's logit is "
+                   "the summed log-probability of its answer tokens, or of its first token only (default sequence)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the top heads of a run with scores and intervals")
     show.add_argument("run", help="run directory")
     show.add_argument("--top", type=int, help="how many heads (default: the run's top_k)")
+    show.add_argument("--score", help="rank by this score instead of the run's: big_drop, bir_drop or big_minus_fig "
+                      "(the last two when the scan measured FIG^(-h))")
 
     demo = sub.add_parser("demo", help="the whole method on the built-in planted-shortcut benchmark")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
@@ -108,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     from .prune import add_prune_parsers
     add_prune_parsers(sub)
+    from .plan import add_plan_parser
+    add_plan_parser(sub)
     return parser
 
 
@@ -120,7 +133,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round)) if v is not None}
     cfg = cfg.replace(**overrides) if overrides else cfg
     spec = ModelSpec(name=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
-                     model_kwargs=parse_kwargs(args.model_kwargs), random_weights=args.random_weights, seed=cfg.seed)
+                     model_kwargs=parse_kwargs(args.model_kwargs), random_weights=args.random_weights, seed=cfg.seed,
+                     heads=args.heads, classes=read_classes(args.classes), prompts=tuple(args.prompt),
+                     scoring=args.scoring)
     if args.dry_run:
         dry_run(args, spec)
         return 0
@@ -138,8 +153,22 @@ def cmd_scan(args: argparse.Namespace) -> int:
                   precision=args.precision)
         pipeline = Pipeline(job, progress=not args.quiet, load_device="cpu")
         run_on_ray(pipeline, args.address, args.replicas, args.cpus_per_replica, args.gpus_per_replica)
-    print_top(pipeline.run, cfg.top_k)
+    print_top(pipeline.run)
     return 0
+
+
+def read_classes(path: str | None) -> tuple[str, ...]:
+    """Class names from a file, one per line (blank lines skipped); the names, not the path, go into the spec."""
+    if path is None:
+        return ()
+    try:
+        with open(path) as f:
+            names = tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise ConfigError(f"--classes {path}: {e.strerror}") from None
+    if not names:
+        raise ConfigError(f"--classes {path}: no class names in it (one per line)")
+    return names
 
 
 def dry_run(args: argparse.Namespace, spec: ModelSpec) -> None:
@@ -182,7 +211,7 @@ def open_run(url: str):
 def cmd_show(args: argparse.Namespace) -> int:
     from .report import print_top
 
-    print_top(open_run(args.run), args.top)
+    print_top(open_run(args.run), args.top, args.score)
     return 0
 
 
@@ -206,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"scan": cmd_scan, "show": cmd_show, "status": cmd_status, "demo": cmd_demo, "bench": cmd_bench,
                 "cluster": lambda a: a.func(a), "export": lambda a: a.func(a),
-                "report": lambda a: a.func(a), "prune": lambda a: a.func(a), "sweep": lambda a: a.func(a)}
+                "report": lambda a: a.func(a), "prune": lambda a: a.func(a), "sweep": lambda a: a.func(a),
+                "plan": lambda a: a.func(a)}
     try:
         return commands[args.command](args)
     except USER_ERRORS as e:

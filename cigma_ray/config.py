@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .method.scores import SCORES
 
 
 class ConfigError(ValueError):
@@ -31,7 +34,10 @@ class Config:
     # scores and pruning
     bootstrap: int = 1000
     ci_level: float = 0.95
-    top_k: int = 16
+    measure_fig: bool = True  # the scan also measures FIG^(-h) (1.5x the forwards): needed by bir_drop, big_minus_fig
+    score: str = "big_drop"  # which score ranks the heads (rankings hold every score the scan can give)
+    top_k: int | float = 16  # a count, or a fraction of all heads in (0, 1)
+    max_clean_drop: float = 0.02  # prune --auto-k: the most clean accuracy a pruning may cost
     rounds: int = 1  # iterative mode: scan, remove the top k_per_round heads, scan the rest again, ...
     k_per_round: int = 1
     # execution (never changes results)
@@ -54,7 +60,9 @@ class Config:
             "mask_batch": self.mask_batch >= 1,
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
-            "top_k": self.top_k >= 1,
+            "score": self.score in SCORES,
+            "top_k": (self.top_k >= 1) if isinstance(self.top_k, int) else 0 < self.top_k < 1,
+            "max_clean_drop": 0 <= self.max_clean_drop <= 1,
             "rounds": self.rounds >= 1,
             "k_per_round": self.k_per_round >= 1,
             "batch_size": self.batch_size >= 1,
@@ -63,13 +71,17 @@ class Config:
             "max_attempts": self.max_attempts >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
+        if not bad and self.score != "big_drop" and not self.measure_fig:
+            raise ConfigError(f"score={self.score!r} needs FIG^(-h) from the scan, but measure_fig is false; "
+                              "set measure_fig: true, or score: big_drop")
         if bad:
             raise ConfigError(f"config value out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                               f"({'; '.join(RANGES[k] for k in bad)})")
 
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
-                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level", "rounds", "k_per_round")
+                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level", "measure_fig", "score", "rounds",
+                   "k_per_round")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +91,21 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return from_dict({**self.to_dict(), **changes})
+
+    def k_of(self, n_heads: int) -> int:
+        """top_k as a count of heads: an integer as given, a fraction of the heads rounded half up (at least 1)."""
+        return resolve_k(self.top_k, n_heads)
+
+
+def resolve_k(top_k: int | float, n_heads: int, name: str = "top_k") -> int:
+    """Heads to prune: a count as given; a fraction f of n_heads rounded half up, at least 1
+    (0.02 of 1000 heads is 20; of 72 heads, 1.44 -> 1; 0.025 of 100, 2.5 -> 3). A count above n_heads is an error.
+    The 1e-9 keeps products like 0.015 * 100 = 1.4999999999999998 rounding as the decimal 1.5 does."""
+    k = max(1, math.floor(top_k * n_heads + 0.5 + 1e-9)) if isinstance(top_k, float) else top_k
+    if k > n_heads:
+        raise ConfigError(f"{name}={top_k}: the model has {n_heads} heads; choose at most {n_heads} "
+                          f"or a fraction of the heads such as 0.02")
+    return k
 
 
 RANGES = {
@@ -94,7 +121,11 @@ RANGES = {
     "mask_batch": "images whose masks are optimised together, an integer >= 1",
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
-    "top_k": "an integer >= 1",
+    "score": "one of big_drop (the paper's: mean drop in BIG), bir_drop (mean drop in BIR), big_minus_fig "
+             "(drop in BIG minus drop in FIG)",
+    "measure_fig": "true or false",
+    "top_k": "a count of heads (an integer >= 1) or a fraction of all heads in (0, 1), e.g. 0.02",
+    "max_clean_drop": "a fraction in [0, 1]",
     "rounds": "scan rounds, an integer >= 1 (1 = the paper's single scan)",
     "k_per_round": "heads removed after each round but the last, an integer >= 1",
     "batch_size": "an integer >= 1",
@@ -113,9 +144,14 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     typed: dict[str, Any] = {}
     for key, value in values.items():
         want = type(getattr(Config, key))
+        if key == "top_k" and isinstance(value, float) and not isinstance(value, bool):
+            if value >= 1:
+                raise ConfigError(f"{source}: top_k={value!r}: write a count as an integer (e.g. 16) or a fraction "
+                                  "of all heads below 1 (e.g. 0.02)")
+            want = float
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(value, bool) or not isinstance(value, want):
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
             raise ConfigError(f"{source}: {key}={value!r} must be {want.__name__} ({RANGES[key]})")
         typed[key] = value
     try:

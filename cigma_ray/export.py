@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, resolve_k
 from .models import LoadedModel, ModelError, ModelSpec
 from .pipeline import load_scanned, scanned_model_spec
 from .storage import RunDir, StorageError
@@ -71,9 +71,11 @@ def parse_heads(text: str, heads_per_layer: list[int]) -> list[tuple[int, int]]:
     return heads
 
 
-def chosen_heads(run: RunDir, meta: dict, k: int | None, heads: str | None) -> tuple[list[tuple[int, int]], str, list[dict]]:
-    """(heads to remove, how they were chosen, their ranking rows) for `--k` or `--heads`."""
-    from .prune import check_k, top_heads
+def chosen_heads(run: RunDir, meta: dict, k: int | None, heads: str | None,
+                 score: str | None = None) -> tuple[list[tuple[int, int]], str, list[dict]]:
+    """(heads to remove, how they were chosen, their ranking rows) for `--k` (by the run's score, or
+    `score`) or `--heads`."""
+    from .prune import check_k, parse_scores, top_heads
 
     heads_per_layer = meta["plan"]["heads_per_layer"]
     rankings = run.read_table("rankings.parquet") if run.exists("rankings.parquet") else None
@@ -85,9 +87,12 @@ def chosen_heads(run: RunDir, meta: dict, k: int | None, heads: str | None) -> t
                                f"by running the scan command that made it again (`cigma-ray scan ... --out {run.url}`), "
                                "or name the heads with --heads LAYER.HEAD,...")
         name = "top_k" if k is None else "--k"
-        k = meta["config"]["top_k"] if k is None else k
+        k = resolve_k(meta["config"]["top_k"], sum(heads_per_layer)) if k is None else k
         check_k(k, sum(heads_per_layer), name)
-        chosen, how = top_heads(rankings, k), f"top {k} of rankings.parquet"
+        if score is not None:
+            parse_scores(score, meta)
+        score_name = score or meta["config"].get("score", "big_drop")
+        chosen, how = top_heads(rankings, k, score=score), f"top {k} of rankings.parquet by {score_name}"
     if rankings is None:
         return chosen, how, []
     by_head = {(r["layer"], r["head"]): r for r in rankings.to_pylist()}
@@ -252,14 +257,14 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def export_run(url: str, out: str, k: int | None = None, heads: str | None = None, smaller: str | None = None,
-               checkpoint: str | None = None) -> dict:
+               checkpoint: str | None = None, score: str | None = None) -> dict:
     """Write the pruned model of a run (and optionally its smaller form); returns the sidecar's content."""
     from .cli import open_run
     from .engine import Replica
 
     run = open_run(url)
     meta = run.read_json("run.json")
-    removed, how, rows = chosen_heads(run, meta, k, heads)
+    removed, how, rows = chosen_heads(run, meta, k, heads, score)
     spec, loaded = load_run_model(run, meta, checkpoint)
     arch, kwargs, num_classes = spec.arch, timm_kwargs(spec), loaded.num_classes
 
@@ -310,7 +315,8 @@ def export_run(url: str, out: str, k: int | None = None, heads: str | None = Non
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    info = export_run(args.run, args.out, k=args.k, heads=args.heads, smaller=args.smaller, checkpoint=args.checkpoint)
+    info = export_run(args.run, args.out, k=args.k, heads=args.heads, smaller=args.smaller, checkpoint=args.checkpoint,
+                      score=args.score)
     named = " ".join(f"{r['layer']}.{r['head']}" for r in info["removed_heads"])
     print(f"removed {len(info['removed_heads'])} heads ({info['selection']}): {named}")
     print(f"wrote {info['file']} (timm {info['model']}, the heads' weights zeroed; {info['parameters']:,} parameters) "
@@ -340,6 +346,8 @@ def add_export_parser(subparsers) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--k", type=int, help="remove the run's top K heads (default: the run's top_k)")
     which.add_argument("--heads", metavar="L.H,...", help="remove these heads instead, e.g. 3.1,5.0")
+    p.add_argument("--score", help="with --k: rank by this score of the run (big_drop, bir_drop, big_minus_fig; "
+                   "default: the run's score key)")
     p.add_argument("--smaller", metavar="FILE", help="also write the model with those heads physically removed")
     p.add_argument("--checkpoint", metavar="FILE", help="the weights the run scanned, if the file has moved since (checked against "
                    "the run's sha256)")

@@ -11,7 +11,7 @@ import hashlib
 import json
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import torch
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_k
 from .data import DataError, ImageSource, open_source
 from .engine import Replica
-from .method import head_scores, ranks
-from .models import LoadedModel, ModelError, ModelSpec, load
+from .method import SCORES, head_scores, ranks, score_terms
+from .models import LoadedModel, ModelError, ModelSpec, load, spec_from_options, spec_with_classes
 from .storage import RunDir
 
 
@@ -158,7 +158,7 @@ class Worker:
         })
 
     def _scan(self, unit: Unit, progress) -> pa.Table:
-        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "big"]) for f in unit.inputs])
+        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "fig", "big"]) for f in unit.inputs])
         wanted = pa.array(unit.image_ids, pa.int64())
         masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
         ids = masks["image_id"].to_pylist()
@@ -168,25 +168,30 @@ class Worker:
             masks = masks.filter(pa.array([i in keep for i in ids]))
             ids = [i for i in ids if i in keep]
         if not ids:
-            return empty_deltas_table()
+            return empty_deltas_table(self.cfg.measure_fig)
         side = self.cfg.mask_size
         fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(len(ids), side, side)
         heads = list(unit.heads)
-        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress,
-                                    removed=unit.removed).numpy().astype(np.float64)
-        big = masks["big"].to_numpy()
+        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress, removed=unit.removed,
+                                    measure_fig=self.cfg.measure_fig)
+        fig, big = masks["fig"].to_numpy(), masks["big"].to_numpy()
         if unit.removed:  # the baseline is the model as earlier rounds left it
-            big = self.replica.gains(images, fg, self.cfg.tau, self.replica.keep_without(list(unit.removed)))[1].numpy()
-            big = big.astype(np.float64)
+            fig, big, _ = self.replica.gains(images, fg, self.cfg.tau, self.replica.keep_without(list(unit.removed)))
+            fig, big = fig.numpy().astype(np.float64), big.numpy().astype(np.float64)
         n = len(ids)
-        return pa.table({
+        big_ablated = ablated.big.numpy().astype(np.float64)
+        columns = {
             "image_id": pa.array(np.tile(np.array(ids, dtype=np.int64), len(heads)), pa.int64()),
             "layer": pa.array(np.repeat([l for l, _ in heads], n), pa.int32()),
             "head": pa.array(np.repeat([h for _, h in heads], n), pa.int32()),
             "big": pa.array(np.tile(big, len(heads)), pa.float64()),
-            "big_ablated": pa.array(ablated.reshape(-1), pa.float64()),
-            "delta": pa.array((big[None, :] - ablated).reshape(-1), pa.float64()),
-        })
+            "big_ablated": pa.array(big_ablated.reshape(-1), pa.float64()),
+            "delta": pa.array((big[None, :] - big_ablated).reshape(-1), pa.float64()),
+        }
+        if ablated.fig is not None:
+            columns["fig"] = pa.array(np.tile(fig, len(heads)), pa.float64())
+            columns["fig_ablated"] = pa.array(ablated.fig.numpy().astype(np.float64).reshape(-1), pa.float64())
+        return pa.table(columns)
 
 
 FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("unit", pa.string()), ("stage", pa.string()),
@@ -205,10 +210,10 @@ def empty_masks_table() -> pa.Table:
                      "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64())})
 
 
-def empty_deltas_table() -> pa.Table:
+def empty_deltas_table(measure_fig: bool = False) -> pa.Table:
+    names = ["big", "big_ablated", "delta"] + (["fig", "fig_ablated"] if measure_fig else [])
     return pa.table({"image_id": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
-                     "head": pa.array([], pa.int32()), "big": pa.array([], pa.float64()),
-                     "big_ablated": pa.array([], pa.float64()), "delta": pa.array([], pa.float64())})
+                     "head": pa.array([], pa.int32()), **{k: pa.array([], pa.float64()) for k in names}})
 
 
 class Pipeline:
@@ -220,6 +225,7 @@ class Pipeline:
         self.progress = progress
         self.executor = executor  # None: units run in this process
         self.source = open_source(job.data)
+        job = self.job = replace(job, model=spec_with_classes(job.model, self.source.classes))  # hf: the data's class names
         self.loaded = load(job.model, load_device or job.device)
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
@@ -228,9 +234,7 @@ class Pipeline:
             raise ConfigError(f"rounds={self.cfg.rounds} with k_per_round={self.cfg.k_per_round} would remove "
                               f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {len(self.adapter.heads)} heads "
                               "of the model before its last round; lower one of them")
-        if self.cfg.top_k > len(self.adapter.heads):
-            raise ConfigError(f"top_k={self.cfg.top_k} but {job.model.name} has {len(self.adapter.heads)} heads "
-                              f"({self.adapter.num_layers} layers); set top_k to at most {len(self.adapter.heads)}")
+        resolve_k(self.cfg.top_k, len(self.adapter.heads))  # a top_k larger than the model is an error now, not later
         self._worker: Worker | None = None
         self.run.check()
         self.manifest = self._manifest()
@@ -250,7 +254,8 @@ class Pipeline:
         return {
             "version": __version__,
             "config": self.cfg.to_dict(),
-            "model": {k: fp[k] for k in ("name", "model_kwargs", "img_size", "num_classes", "input_size", "weights", "checkpoint")},
+            "model": {**{k: fp[k] for k in ("name", "model_kwargs", "img_size", "num_classes", "input_size", "weights", "checkpoint")},
+                      "options": fp.get("options"), "layer_labels": fp.get("layer_labels")},  # hf: models only
             "data": {"url": self.job.data, "fingerprint": self.source.fingerprint(), "n_images": len(self.source),
                      "classes": self.source.classes},
             "precision": self.job.precision,
@@ -263,7 +268,7 @@ class Pipeline:
         old, new = self.run.read_json("run.json"), self.manifest
         diffs = [f"{k}: run has {old['config'].get(k)!r}, this command {new['config'][k]!r}"
                  for k in Config.RESULT_KEYS if old["config"].get(k) != new["config"][k]]
-        for key in ("name", "model_kwargs", "num_classes", "input_size", "weights"):
+        for key in ("name", "model_kwargs", "num_classes", "input_size", "weights", "options"):
             if old["model"].get(key) != new["model"][key]:
                 diffs.append(f"model {key}: run has {old['model'].get(key)!r}, this command {new['model'][key]!r}")
         if old["data"]["fingerprint"] != new["data"]["fingerprint"]:
@@ -355,22 +360,28 @@ class Pipeline:
     def rank_round(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> pa.Table:
         """Score one round's heads from its deltas, one unit file at a time, best first.
 
-        The driver holds the (heads x images) matrix of deltas that the bootstrap needs, never the
-        rows of the whole data set at once. Rounds after the first are kept in rounds/.
+        Every score the deltas allow gets its columns (name, name_stderr, name_ci_low, name_ci_high,
+        name_rank); score, stderr, ci_low, ci_high and rank are those of the config's `score`. The
+        driver holds one (heads x images) matrix per score, as the bootstrap needs, never the rows of
+        the whole data set at once. Rounds after the first are kept in rounds/.
         """
         units = self.scan_units(selected, round, removed)
         missing = self.missing(units)
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
         heads = [h for h in self.adapter.heads if h not in set(removed)]
-        matrix = delta_matrix(self.run, units, heads, sorted(selected))
-        stats = head_scores(matrix, bootstrap=self.cfg.bootstrap, ci_level=self.cfg.ci_level, seed=self.cfg.seed)
-        table = pa.table({
-            "layer": pa.array([l for l, _ in heads], pa.int32()),
-            "head": pa.array([h for _, h in heads], pa.int32()),
-            **{k: pa.array(stats[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
-            "n": pa.array(stats["n"], pa.int64()),
-        })
+        matrices = score_matrices(self.run, units, heads, sorted(selected), self.cfg.measure_fig)
+        columns = {"layer": pa.array([l for l, _ in heads], pa.int32()),
+                   "head": pa.array([h for _, h in heads], pa.int32())}
+        for name, matrix in matrices.items():
+            stats = head_scores(matrix, bootstrap=self.cfg.bootstrap, ci_level=self.cfg.ci_level, seed=self.cfg.seed)
+            if name == self.cfg.score:
+                chosen = stats
+            columns[name] = pa.array(stats["score"], pa.float64())
+            columns.update({f"{name}_{k}": pa.array(stats[k], pa.float64()) for k in ("stderr", "ci_low", "ci_high")})
+            columns[f"{name}_rank"] = pa.array(ranks(stats["score"]), pa.int64())
+        table = pa.table({**columns, **{k: pa.array(chosen[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
+                          "n": pa.array(chosen["n"], pa.int64())})
         table = table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
         if self.cfg.rounds > 1:
             self.run.write_table(f"rounds/round-{round:02d}.parquet", table)
@@ -387,17 +398,21 @@ def merge_rounds(rounds: list[pa.Table], k_per_round: int) -> pa.Table:
                              pa.array(np.arange(1, merged.num_rows + 1), pa.int64()))
 
 
-def delta_matrix(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int]) -> np.ndarray:
-    """(heads, images) deltas read from each scan unit's file in turn; every cell must be filled exactly once."""
+def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int],
+                   measure_fig: bool) -> dict[str, np.ndarray]:
+    """(heads, images) matrices of each score's terms (`method.score_terms`), read from each scan unit's
+    file in turn; every cell must be filled exactly once."""
     head_index = np.full((max(l for l, _ in heads) + 1, max(h for _, h in heads) + 1), -1, dtype=np.int64)
     for i, (layer, head) in enumerate(heads):
         head_index[layer, head] = i
     ids = np.asarray(images, dtype=np.int64)
     by_id = np.argsort(ids, kind="stable")
-    matrix = np.full((len(heads), len(images)), np.nan)
-    filled = np.zeros(matrix.shape, dtype=np.int32)
+    names = list(SCORES) if measure_fig else ["big_drop"]
+    matrices = {name: np.full((len(heads), len(images)), np.nan) for name in names}
+    filled = np.zeros((len(heads), len(images)), dtype=np.int32)
+    columns = ["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if measure_fig else [])
     for unit in units:
-        t = run.read_table(unit.file, ["image_id", "layer", "head", "delta"])
+        t = run.read_table(unit.file, columns)
         layer, head, image = (t[k].to_numpy().astype(np.int64) for k in ("layer", "head", "image_id"))
         pos = np.minimum(np.searchsorted(ids, image, sorter=by_id), len(ids) - 1)
         c = by_id[pos]
@@ -406,13 +421,15 @@ def delta_matrix(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], i
         if (r < 0).any() or (ids[c] != image).any():
             raise RuntimeError(f"{unit.file} holds a head or image this run does not scan: remove the run's deltas/ "
                                "folder and scan again")
-        matrix[r, c] = t["delta"].to_numpy()
+        terms = score_terms(*(t[k].to_numpy() for k in columns[3:]))
+        for name in names:
+            matrices[name][r, c] = terms[name]
         np.add.at(filled, (r, c), 1)
     if (filled != 1).any():
         bad = int((filled != 1).sum())
         raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
                            f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
-    return matrix
+    return matrices
 
 
 def scanned_model_spec(meta: dict, checkpoint: str | None = None) -> ModelSpec:
@@ -420,7 +437,8 @@ def scanned_model_spec(meta: dict, checkpoint: str | None = None) -> ModelSpec:
     m = meta["model"]
     return ModelSpec(name=m["name"], checkpoint=checkpoint or m["checkpoint"], num_classes=m["num_classes"],
                      img_size=m["img_size"], model_kwargs=m["model_kwargs"],
-                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"])
+                     random_weights=m["weights"].startswith("random:"), seed=meta["config"]["seed"],
+                     **spec_from_options(m.get("options")))
 
 
 def load_scanned(url: str, meta: dict, device: str = "cpu", checkpoint: str | None = None) -> LoadedModel:

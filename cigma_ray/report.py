@@ -43,25 +43,45 @@ def run_summary(run: RunDir) -> str:
     return "\n".join(lines)
 
 
-def print_top(run: RunDir, top: int | None = None) -> None:
+def print_top(run: RunDir, top: int | None = None, score: str | None = None) -> None:
+    """The run's summary and its top heads, by its score (or `score`), with every other score it has beside them."""
+    from .config import resolve_k
+    from .method import SCORES
+    from .prune import parse_scores
+
     if not run.exists("rankings.parquet"):
         raise StorageError(f"{run.url} has no rankings.parquet yet; finish the run by running the same scan command again")
     meta = run.read_json("run.json")
-    top = top or meta["config"]["top_k"]
-    ranking = run.read_table("rankings.parquet").sort_by("rank").slice(0, top).to_pylist()
-    level = meta["config"]["ci_level"]
-    rows = [[r["rank"], r["layer"], r["head"], f"{r['score']:+.5f}", f"{r['stderr']:.5f}",
-             f"[{r['ci_low']:+.5f}, {r['ci_high']:+.5f}]", r["n"]] for r in ranking]
-    headers, align = ["rank", "layer", "head", "score", "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
-    rounds = meta["config"].get("rounds", 1)
+    cfg = meta["config"]
+    top = top or resolve_k(cfg["top_k"], sum(meta["plan"]["heads_per_layer"]))
+    scores = parse_scores(None, meta)
+    if score is not None:
+        parse_scores(score, meta)
+        score = None if score == cfg.get("score", "big_drop") else score
+    name = score or cfg.get("score", "big_drop")
+    prefix = "" if score is None else f"{score}_"
+    ranking = run.read_table("rankings.parquet").sort_by(f"{prefix}rank").slice(0, top).to_pylist()
+    value = prefix[:-1] if prefix else "score"
+    level = cfg["ci_level"]
+    rows = [[r[f"{prefix}rank"], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
+             f"[{r[prefix + 'ci_low']:+.5f}, {r[prefix + 'ci_high']:+.5f}]", r["n"]] for r in ranking]
+    headers, align = ["rank", "layer", "head", name, "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
+    others = [s for s in scores if s != name] if cfg.get("rounds", 1) == 1 else []
+    for other in others:
+        headers, align = headers + [f"{other} (rank)"], align + "r"
+        rows = [row + [f"{r[other]:+.5f} ({r[f'{other}_rank']})"] for row, r in zip(rows, ranking)]
+    rounds = cfg.get("rounds", 1)
     print(run_summary(run))
-    print(f"\ntop {len(rows)} heads by CIGMA score (mean drop in BIG when the head is ablated):")
+    print(f"\ntop {len(rows)} heads by {name}: mean over D of {SCORES[name]}")
     if rounds > 1:
-        print(f"(iterative: {rounds} rounds; after each, its top {meta['config']['k_per_round']} heads were removed "
+        print(f"(iterative: {rounds} rounds; after each, its top {cfg['k_per_round']} heads were removed "
               "and the rest scanned again on the pruned model; a row's score is from its round)")
         headers, align = headers + ["round"], align + "r"
         rows = [row + [r["round"]] for row, r in zip(rows, ranking)]
     print(format_table(headers, rows, align))
+    if not cfg.get("measure_fig", False) and rounds == 1:
+        print("(this scan did not measure FIG^(-h), so only big_drop is available; config measure_fig: true adds "
+              "bir_drop and big_minus_fig)")
 
 
 def print_status(run: RunDir) -> None:

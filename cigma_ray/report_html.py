@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_k
 from .data import DataError, open_source
 from .engine import Replica
-from .method import counterfactuals, probs
+from .method import SCORES, counterfactuals, probs
 from .models import LoadedModel
 from .pipeline import load_scanned
 from .storage import RunDir, StorageError
@@ -118,13 +118,14 @@ def split_half(deltas: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def first_round_deltas(run: RunDir, meta: dict, image_ids: list[int]) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """The (heads, images) delta matrix of the first scan (every head, the intact model)."""
-    from .pipeline import delta_matrix, scan_units
+    """The (heads, images) matrix of the run's score's terms in its first scan (every head, the intact model)."""
+    from .pipeline import score_matrices, scan_units
 
     cfg = Config(**meta["config"])
     heads_per_layer = meta["plan"]["heads_per_layer"]
     heads = [(layer, h) for layer, n in enumerate(heads_per_layer) for h in range(n)]
-    return heads, delta_matrix(run, scan_units(image_ids, cfg, heads_per_layer), heads, image_ids)
+    matrices = score_matrices(run, scan_units(image_ids, cfg, heads_per_layer), heads, image_ids, cfg.measure_fig)
+    return heads, matrices[cfg.score]
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def png(fig) -> bytes:
     return buf.getvalue()
 
 
-def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tuple[int, int]]) -> bytes:
+def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tuple[int, int]], score: str) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -154,12 +155,12 @@ def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tup
     ax.set_ylabel("layer")
     ax.set_xticks(range(grid.shape[1]))
     ax.set_yticks(range(grid.shape[0]))
-    fig.colorbar(image, ax=ax, label="CIGMA score (mean drop in BIG)")
+    fig.colorbar(image, ax=ax, label=f"score: {score}")
     ax.set_title(f"scores; the top {len(top)} heads outlined")
     return png(fig)
 
 
-def intervals_figure(rows: list[dict], ci_level: float) -> bytes:
+def intervals_figure(rows: list[dict], ci_level: float, score: str) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['layer']}.{r['head']}" for r in rows]
@@ -174,7 +175,7 @@ def intervals_figure(rows: list[dict], ci_level: float) -> bytes:
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_ylabel("head (layer.head)")
-    ax.set_xlabel(f"CIGMA score with its {ci_level:.0%} bootstrap interval")
+    ax.set_xlabel(f"{score} with its {ci_level:.0%} bootstrap interval")
     return png(fig)
 
 
@@ -414,7 +415,8 @@ def summary_section(page: Page, run: RunDir, meta: dict, k: int) -> None:
 
     rows = [line.split(None, 1) for line in run_summary(run).splitlines()]
     cfg = meta["config"]
-    rows.append(["config", f"top_k {cfg['top_k']} (shown: top {k}), bootstrap {cfg['bootstrap']}, ci_level "
+    rows.append(["config", f"score {cfg.get('score', 'big_drop')}, measure_fig {cfg.get('measure_fig', False)}, "
+                 f"top_k {cfg['top_k']} (shown: top {k}), bootstrap {cfg['bootstrap']}, ci_level "
                  f"{cfg['ci_level']}, tp_ratio {cfg['tp_ratio']}, seed {cfg['seed']}, rounds {cfg.get('rounds', 1)}"])
     page.add("<table>" + "".join(f'<tr><th class="l">{html.escape(a)}</th><td class="l">{html.escape(b)}</td></tr>'
                                  for a, b in rows) + "</table>")
@@ -471,15 +473,42 @@ def pruning_section(page: Page, run: RunDir) -> None:
     for name in pruned:
         page.add(f"<h3>{html.escape(name)}</h3>")
         page.add(html_table(run.read_table(f"eval/{name}").to_pylist()))
+        collapse_note(page, run.read_table(f"eval/{name}").to_pylist())
     if not pruned:
         page.note(f"No pruning results yet: <code>cigma-ray prune {html.escape(run.url)}</code> makes them.")
-    page.add("<h3>Sweep over K</h3>")
-    if "sweep.parquet" in names:
-        page.add(html_table(run.read_table("eval/sweep.parquet").to_pylist()))
+    page.add("<h3>Trade-off curves: sweep over K</h3>")
     if run.exists("eval/sweep.png"):
+        page.add("<p>Accuracy and mean BIR against K, for the top K by each score, K random heads and the K "
+                 "lowest-scored. A black cross marks a pruning that collapsed the model.</p>")
         page.image("sweep.png", run.read_bytes("eval/sweep.png"), "sweep over K")
-    if "sweep.parquet" not in names:
-        page.note(f"No sweep yet: <code>cigma-ray sweep {html.escape(run.url)}</code> makes it.")
+    if "sweep.parquet" in names:
+        rows = run.read_table("eval/sweep.parquet").to_pylist()
+        collapse_note(page, rows)
+        page.add(html_table(rows))
+    else:
+        page.note(f"No sweep yet: <code>cigma-ray sweep {html.escape(run.url)} --k 0,1,2,4,8</code> makes it.")
+    page.add("<h3>Automatic K</h3>")
+    if run.exists("eval/auto-k.json"):
+        import json
+
+        choice = json.loads(run.read_bytes("eval/auto-k.json"))
+        page.add(f"<p>{html.escape(choice['reason'])}</p>")
+        rows = run.read_table("eval/auto-k.parquet").to_pylist()
+        collapse_note(page, rows)
+        page.add(html_table(rows, ["control", "seed", "k", "heads", "accuracy", "accuracy_low", "accuracy_high",
+                                   "bir_mean", "bir_mean_low", "bir_mean_high", "fig", "big", "collapsed", "verdict"]))
+    else:
+        page.note(f"Not chosen yet: <code>cigma-ray prune {html.escape(run.url)} --auto-k</code> picks the score and "
+                  "K on held-out images under a clean-accuracy guard.")
+
+
+def collapse_note(page: Page, rows: list[dict]) -> None:
+    """Say in words which prunings collapsed the model (accuracy at chance, FIG and BIG near zero)."""
+    gone = [r for r in rows if r.get("collapsed")]
+    if gone:
+        named = ", ".join(dict.fromkeys(f"{r.get('set', '')} K={r['k']} {r['control']}".strip() for r in gone))
+        page.add(f"<p><b>Collapsed:</b> {html.escape(named)}: accuracy at chance and FIG, BIG near zero; the pruned "
+                 "model no longer uses the image, so its low BIR is not a fix for the shortcut.</p>")
 
 
 def write_report(run: RunDir, k: int | None = None, n_images: int = 4, device: str = "cpu",
@@ -488,15 +517,16 @@ def write_report(run: RunDir, k: int | None = None, n_images: int = 4, device: s
     import matplotlib
 
     matplotlib.use("Agg")
-    from .prune import check_k, top_heads
+    from .prune import check_k, run_scores, top_heads
 
     if not run.exists("rankings.parquet"):
         raise StorageError(f"{run.url} has no rankings.parquet yet, so there is nothing to report; finish the run by "
                            f"running the scan command that made it again (`cigma-ray scan ... --out {run.url}`)")
     meta = run.read_json("run.json")
     heads_per_layer = meta["plan"]["heads_per_layer"]
-    k = meta["config"]["top_k"] if k is None else k
+    k = resolve_k(meta["config"]["top_k"], sum(heads_per_layer)) if k is None else k
     check_k(k, sum(heads_per_layer))
+    score = meta["config"].get("score", "big_drop")
     if k < 1:
         raise ConfigError("--k 0: the report is about the top K heads; choose K of 1 or more")
     rankings = run.read_table("rankings.parquet")
@@ -511,16 +541,25 @@ def write_report(run: RunDir, k: int | None = None, n_images: int = 4, device: s
     summary_section(page, run, meta, k)
 
     page.add("<h2>Scores by layer and head</h2>")
-    page.add("<p>CIGMA score of each head: the mean drop in background information gain (BIG) over D when the head "
-             "is ablated. Red: removing the head lowers BIG (it carries background evidence); blue: it raises it.</p>")
-    page.image("heatmap.png", heatmap_figure(rankings, heads_per_layer, top), "layer x head heatmap of scores")
+    page.add(f"<p>The heads are ranked by <b>{html.escape(score)}</b>: the mean over D of "
+             f"{html.escape(SCORES[score])}. Red: removing the head lowers it (the head carries background "
+             "evidence); blue: it raises it.</p>")
+    page.image("heatmap.png", heatmap_figure(rankings, heads_per_layer, top, score), "layer x head heatmap of scores")
 
     rows = rankings.sort_by("rank").slice(0, k).to_pylist()
     level = meta["config"]["ci_level"]
     page.add(f"<h2>Top {k} heads</h2>")
-    page.image("top-heads.png", intervals_figure(rows, level), f"top {k} heads with intervals")
+    page.image("top-heads.png", intervals_figure(rows, level, score), f"top {k} heads with intervals")
     columns = ["rank", "layer", "head", "score", "stderr", "ci_low", "ci_high", "n"] + (["round"] if "round" in rows[0] else [])
     page.add(html_table(rows, columns))
+    others = [s for s in run_scores(meta) if s != score]
+    if others:
+        page.add("<h3>The same heads by the other scores</h3><p>"
+                 + "; ".join(f"<b>{html.escape(o)}</b>: {html.escape(SCORES[o])}" for o in others)
+                 + ". A head that every prediction needs lowers FIG and BIG together: big_drop rewards it, the "
+                 "others do not.</p>")
+        page.add(html_table(rows, ["layer", "head", *[c for o in [score, *others] for c in
+                                                      (o, f"{o}_ci_low", f"{o}_ci_high", f"{o}_rank")]]))
 
     page.add(f"<h2>Stability of the top {k}</h2>")
     stability_section(page, run, meta, image_ids, k)

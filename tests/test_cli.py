@@ -49,7 +49,7 @@ def test_scan_random_vit_tiny_equals_weight_zeroing(tmp_path):
     assert images.shape[-1] == 224
     fg = torch.from_numpy(np.stack(masks["fg"].to_numpy(zero_copy_only=False))).reshape(-1, 32, 32)
     no_bg, _ = counterfactuals(images, fg)
-    ablated = scan_by_weight_zeroing(model, find_attentions(model), images, no_bg, lm.adapter.heads).numpy()
+    ablated = scan_by_weight_zeroing(model, find_attentions(model), images, no_bg, lm.adapter.heads).big.numpy()
     expected = head_scores(masks["big"].to_numpy()[None, :] - ablated, bootstrap=100, seed=0)
     ranking = pq.read_table(os.path.join(out, "rankings.parquet"))
     by_head = ranking.sort_by([("layer", "ascending"), ("head", "ascending")])

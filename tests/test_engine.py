@@ -28,7 +28,7 @@ def setup(kind: str, n: int = 5, seed: int = 0):
 
 def reference(lm, images, no_bg, heads, tau=1.0):
     a = lm.adapter
-    return scan_by_weight_zeroing(a.model, find_attentions(a.model), images, no_bg, heads, tau=tau)
+    return scan_by_weight_zeroing(a.model, find_attentions(a.model), images, no_bg, heads, tau=tau).big
 
 
 @pytest.mark.parametrize("kind", list(VIT_KINDS))
@@ -37,7 +37,7 @@ def test_scan_equals_weight_zeroing(kind):
     heads = lm.adapter.heads
     expected = reference(lm, images, no_bg, heads)
     assert expected.abs().mean() > 1e-3  # outputs are informative, so 1e-5 is a real bound
-    got = scan_heads(lm.adapter, images, no_bg, heads, batch_size=8)
+    got = scan_heads(lm.adapter, images, no_bg, heads, batch_size=8).big
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
@@ -46,7 +46,7 @@ def test_scan_does_not_depend_on_batch_size(batch_size):
     lm, images, no_bg = setup("dinov2_reg", n=6)
     heads = lm.adapter.heads
     expected = reference(lm, images, no_bg, heads)
-    got = scan_heads(lm.adapter, images, no_bg, heads, batch_size=batch_size)
+    got = scan_heads(lm.adapter, images, no_bg, heads, batch_size=batch_size).big
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
@@ -54,14 +54,14 @@ def test_scan_does_not_depend_on_chunking_of_heads_and_images():
     """Any split of heads (layer ranges, scattered subsets) and of images gives the same numbers."""
     lm, images, no_bg = setup("vit", n=6)
     heads = lm.adapter.heads
-    whole = scan_heads(lm.adapter, images, no_bg, heads, batch_size=16)
-    by_layer = torch.cat([scan_heads(lm.adapter, images, no_bg, [h for h in heads if h[0] == layer], batch_size=5)
+    whole = scan_heads(lm.adapter, images, no_bg, heads, batch_size=16).big
+    by_layer = torch.cat([scan_heads(lm.adapter, images, no_bg, [h for h in heads if h[0] == layer], batch_size=5).big
                           for layer in range(lm.adapter.num_layers)])
     torch.testing.assert_close(by_layer, whole, rtol=0, atol=1e-5)
     subset = [heads[7], heads[2], heads[4]]  # out of order, across layers
-    got = scan_heads(lm.adapter, images, no_bg, subset, batch_size=3)
+    got = scan_heads(lm.adapter, images, no_bg, subset, batch_size=3).big
     torch.testing.assert_close(got, whole[[7, 2, 4]], rtol=0, atol=1e-5)
-    halves = torch.cat([scan_heads(lm.adapter, images[s], no_bg[s], heads, batch_size=4)
+    halves = torch.cat([scan_heads(lm.adapter, images[s], no_bg[s], heads, batch_size=4).big
                         for s in (slice(0, 2), slice(2, 6))], dim=1)
     torch.testing.assert_close(halves, whole, rtol=0, atol=1e-5)
 
@@ -71,14 +71,14 @@ def test_generic_adapter_scan_equals_weight_zeroing():
     generic = TimmGenericAdapter(lm.adapter.model, lm.adapter.input_size)
     heads = lm.adapter.heads
     expected = reference(lm, images, no_bg, heads)
-    torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=5), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=5).big, expected, rtol=0, atol=1e-5)
 
 
 def test_temperature_is_applied():
     lm, images, no_bg = setup("vit", n=3)
     heads = lm.adapter.heads[:4]
     expected = reference(lm, images, no_bg, heads, tau=2.5)
-    torch.testing.assert_close(scan_heads(lm.adapter, images, no_bg, heads, tau=2.5), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scan_heads(lm.adapter, images, no_bg, heads, tau=2.5).big, expected, rtol=0, atol=1e-5)
 
 
 def test_replica_gains_and_pruning_match_definitions():
@@ -106,7 +106,7 @@ def test_bf16_is_selectable_and_close():
     bf16 = Replica(lm, precision="bf16")
     fg = foreground_cells(torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(2)), 0.35)
     heads = lm.adapter.heads
-    a, b = fp32.scan(images, fg, heads, 1.0), bf16.scan(images, fg, heads, 1.0)
+    a, b = fp32.scan(images, fg, heads, 1.0).big, bf16.scan(images, fg, heads, 1.0).big
     assert a.dtype == b.dtype == torch.float32
     assert not torch.equal(a, b)  # bf16 really ran
     assert (a - b).abs().max() < 0.05 * a.abs().max() + 1e-3
@@ -142,13 +142,13 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_results():
     fg = foreground_cells(torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(3)), 0.35)
     heads = lm.adapter.heads
     roomy = Replica(lm, batch_size=64)
-    want_logits, want_scan = roomy.logits(images), roomy.scan(images, fg, heads, 1.0)
+    want_logits, want_scan = roomy.logits(images), roomy.scan(images, fg, heads, 1.0).big
     tight = Replica(lm, batch_size=64)
     hook = oom_above(lm.adapter.model.patch_embed, 5)
     try:
         torch.testing.assert_close(tight.logits(images), want_logits, rtol=0, atol=1e-6)
         assert tight.batch_size == 4  # 64 -> 32 -> 16 -> 8 -> 4
-        torch.testing.assert_close(tight.scan(images, fg, heads, 1.0), want_scan, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tight.scan(images, fg, heads, 1.0).big, want_scan, rtol=0, atol=1e-6)
         assert tight.batch_size == 4  # the scan sends twice the images per pair: 4 images = 2 pairs fit
         with pytest.raises(torch.OutOfMemoryError, match="mask_batch"):
             tight.masks(images, Config(mask_steps=2, mask_batch=6))  # halving would change masks: a clear error
@@ -167,14 +167,14 @@ def test_scan_on_top_of_removed_heads_equals_weight_zeroing(kind):
     fg = foreground_cells(torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(0)), 0.35)
     replica = Replica(lm, batch_size=4)
     no_bg, _ = counterfactuals(images, fg)
-    assert not torch.allclose(replica.scan(images, fg, heads, 1.0), replica.scan(images, fg, heads, 1.0, removed=removed),
+    assert not torch.allclose(replica.scan(images, fg, heads, 1.0).big, replica.scan(images, fg, heads, 1.0, removed=removed).big,
                               atol=1e-4)  # the removal matters
     expected = scan_by_weight_zeroing(lm.adapter.model, find_attentions(lm.adapter.model), images, no_bg, heads,
-                                      removed=removed)
-    torch.testing.assert_close(replica.scan(images, fg, heads, 1.0, removed=removed), expected, rtol=0, atol=1e-5)
+                                      removed=removed).big
+    torch.testing.assert_close(replica.scan(images, fg, heads, 1.0, removed=removed).big, expected, rtol=0, atol=1e-5)
     generic = TimmGenericAdapter(lm.adapter.model, lm.adapter.input_size)  # the whole-forward path
     fixed = {layer: k[0] for layer, k in replica.keep_without(removed).items()}
-    torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=3, removed=fixed), expected,
+    torch.testing.assert_close(scan_heads(generic, images, no_bg, heads, batch_size=3, removed=fixed).big, expected,
                                rtol=0, atol=1e-5)
 
 

@@ -78,7 +78,7 @@ def test_export_of_a_real_run_loads_in_plain_timm(run_dir, tmp_path, capsys):
     out, small_path = str(tmp_path / "pruned.pth"), str(tmp_path / "small.pt")
     assert main(["export", run_dir.out, "--out", out, "--smaller", small_path]) == 0
     printed = capsys.readouterr().out
-    assert "removed 3 heads (top 3 of rankings.parquet)" in printed and "load_smaller" in printed
+    assert "removed 3 heads (top 3 of rankings.parquet by big_drop)" in printed and "load_smaller" in printed
 
     info = json.load(open(out + ".json"))
     heads = top_heads(RunDir(run_dir.out).read_table("rankings.parquet"), FAST.top_k)

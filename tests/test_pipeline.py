@@ -58,15 +58,25 @@ def test_rankings_equal_the_weight_zeroing_definition(tmp_path, image_folder, ti
 
     # the scan, by weight zeroing, one head at a time, whole model
     d_images = images[[ [r.image_id for r in ok].index(i) for i in selected ]]
-    no_bg, _ = counterfactuals(d_images, fg)
+    no_bg, no_fg = counterfactuals(d_images, fg)
     heads = p.adapter.heads
-    big = masks["big"].to_numpy()
-    ablated = scan_by_weight_zeroing(model, find_attentions(model), d_images, no_bg, heads).numpy()
+    big, fig = masks["big"].to_numpy(), masks["fig"].to_numpy()
+    zeroed = scan_by_weight_zeroing(model, find_attentions(model), d_images, no_bg, heads, images_no_fg=no_fg)
+    ablated, fig_ablated = zeroed.big.numpy().astype(np.float64), zeroed.fig.numpy().astype(np.float64)
     stats = head_scores(big[None, :] - ablated, bootstrap=200, ci_level=0.95, seed=0)
     got = rankings(p.job.out).sort_by([("layer", "ascending"), ("head", "ascending")])
     np.testing.assert_allclose(got["score"].to_numpy(), stats["score"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["ci_low"].to_numpy(), stats["ci_low"], rtol=0, atol=1e-6)
     assert np.abs(stats["score"]).max() > 1e-4
+    # every score variant, by hand from the zeroed-weight gains (FAST measures FIG^(-h))
+    by_hand = {"big_drop": (big - ablated).mean(axis=1),
+               "bir_drop": (big / (fig + big) - ablated / (fig_ablated + ablated)).mean(axis=1),
+               "big_minus_fig": ((big - ablated) - (fig - fig_ablated)).mean(axis=1)}
+    for name, expected in by_hand.items():
+        np.testing.assert_allclose(got[name].to_numpy(), expected, rtol=0, atol=1e-6, err_msg=name)
+        assert sorted(got[f"{name}_rank"].to_pylist()) == list(range(1, len(heads) + 1))
+    np.testing.assert_allclose(got["score"].to_numpy(), got["big_drop"].to_numpy(), rtol=0, atol=0)
+    assert not np.allclose(by_hand["bir_drop"], by_hand["big_drop"])
     order = np.argsort(-stats["score"], kind="stable")
     assert [tuple(h) for h in np.array(heads)[order]] == list(zip(*(rankings(p.job.out)[c].to_pylist() for c in ("layer", "head"))))
 
@@ -185,7 +195,7 @@ def test_bad_data_is_named(tmp_path, tiny_checkpoint):
 
 
 def test_top_k_larger_than_the_model_is_refused_early(tmp_path, image_folder, tiny_checkpoint):
-    with pytest.raises(ConfigError, match="top_k=10 but .* has 9 heads"):
+    with pytest.raises(ConfigError, match="top_k=10: the model has 9 heads"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(top_k=10)), progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -270,7 +280,7 @@ def test_iterative_rounds_rescan_the_rest_on_the_pruned_model(tmp_path, image_fo
     rounds = [run.read_table(f"rounds/round-{r:02d}.parquet") for r in range(3)]
     for r, table in enumerate(rounds):
         heads = [h for h in p.adapter.heads if h not in removed]
-        ablated = scan_by_weight_zeroing(model, attentions, images, no_bg, heads, removed=removed).numpy()
+        ablated = scan_by_weight_zeroing(model, attentions, images, no_bg, heads, removed=removed).big.numpy()
         if removed:  # BIG of the pruned model: the same definition with only the removed heads zeroed
             with contextlib.ExitStack() as stack:
                 for layer, head in removed:

@@ -135,13 +135,17 @@ def test_prune_and_sweep_through_the_cli(tiny_run, other_folder, capsys):
     out = tiny_run.job.out
     assert main(["prune", out, "--k", "2", "--random-seeds", "3", "--quiet"]) == 0
     text = capsys.readouterr().out
-    for line in ("CIGMA top 2", "2 random (mean of 3)", "2 lowest-scored", "in-sample", "bootstrap interval"):
+    for line in ("top 2 by big_drop", "top 2 by bir_drop", "top 2 by big_minus_fig", "2 random (mean of 3)",
+                 "2 lowest-scored", "in-sample", "bootstrap interval"):
         assert line in text
     rows = pq.read_table(os.path.join(out, "eval", "prune-k2.parquet")).to_pylist()
-    assert [r["control"] for r in rows] == ["intact", "cigma", "random", "random", "random", "lowest"]
+    assert [r["control"] for r in rows] == ["intact", "big_drop", "bir_drop", "big_minus_fig", "random", "random",
+                                            "random", "lowest"]
     assert [r["seed"] for r in rows if r["control"] == "random"] == [0, 1, 2]
-    top = tiny_run.run.read_table("rankings.parquet").sort_by("rank").slice(0, 2).to_pylist()
-    assert rows[1]["heads"] == " ".join(f"{r['layer']}.{r['head']}" for r in top)
+    ranking = tiny_run.run.read_table("rankings.parquet")
+    for i, score in enumerate(("big_drop", "bir_drop", "big_minus_fig"), start=1):
+        top = ranking.sort_by(f"{score}_rank").slice(0, 2).to_pylist()
+        assert rows[i]["heads"] == " ".join(f"{r['layer']}.{r['head']}" for r in top)
     for r in rows:
         for m in ("accuracy", "nll", "bir_mean", "bir_ratio"):
             assert r[f"{m}_low"] <= r[m] <= r[f"{m}_high"]
@@ -151,8 +155,8 @@ def test_prune_and_sweep_through_the_cli(tiny_run, other_folder, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "learning masks of 5 images of other" in captured.err
-    assert "CIGMA top 9" in captured.out and "9 lowest-scored" in captured.out
-    assert "collapsed: CIGMA top 9" in captured.out  # no head left: the class token never sees the image
+    assert "top 9 by big_drop" in captured.out and "9 lowest-scored" in captured.out
+    assert "collapsed: top 9 by big_drop" in captured.out  # no head left: the class token never sees the image
     rows = pq.read_table(os.path.join(out, "eval", "sweep.parquet")).to_pylist()
     assert {r["set"] for r in rows} == {"other", "folder"}
     assert sorted({r["k"] for r in rows}) == [0, 1, 9]

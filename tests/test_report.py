@@ -61,7 +61,8 @@ def test_page_embeds_every_plot_and_writes_the_pngs(reported_run):
     assert any(f.startswith("image-") for f in pngs)
     assert len(images) == len(pngs)
     for heading in ("Scores by layer and head", "Top 3 heads", "Stability of the top 3", "Images of D",
-                    "Saliency before and after pruning", "Pruning", "Sweep over K"):
+                    "Saliency before and after pruning", "Pruning", "Trade-off curves: sweep over K", "Automatic K",
+                    "The same heads by the other scores"):
         assert f">{heading}" in html
     assert "prune-k3.parquet" in html and "0.875" in html  # the eval table, rendered
     assert "Spearman" in html

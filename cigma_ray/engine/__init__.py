@@ -1,5 +1,5 @@
 """What one model replica does fast: batched masks, prefix-shared head scans."""
 from .replica import PRECISIONS, MaskResult, Replica
-from .scan import scan_heads
+from .scan import Ablated, scan_heads
 
-__all__ = ["PRECISIONS", "MaskResult", "Replica", "scan_heads"]
+__all__ = ["PRECISIONS", "Ablated", "MaskResult", "Replica", "scan_heads"]

@@ -11,7 +11,7 @@ import torch
 from ..config import Config
 from ..method import counterfactuals, foreground_cells, gains, optimise_masks, probs
 from ..models import LoadedModel
-from .scan import batched, scan_heads
+from .scan import Ablated, batched, scan_heads
 
 PRECISIONS = ("fp32", "bf16")
 T = TypeVar("T")
@@ -109,14 +109,16 @@ class Replica:
         return gains(q, q_no_fg, q_no_bg)
 
     def scan(self, images: torch.Tensor, fg: torch.Tensor, heads: list[tuple[int, int]], tau: float,
-             on_pairs: Callable[[int], None] | None = None, removed: list[tuple[int, int]] = ()) -> torch.Tensor:
-        """BIG^(-h) per (head, image): (len(heads), N) fp32, with the `removed` heads ablated throughout."""
-        no_bg, _ = counterfactuals(images, fg)
+             on_pairs: Callable[[int], None] | None = None, removed: list[tuple[int, int]] = (),
+             measure_fig: bool = False) -> Ablated:
+        """BIG^(-h) (and FIG^(-h) with `measure_fig`) per (head, image), with the `removed` heads ablated throughout."""
+        no_bg, no_fg = counterfactuals(images, fg)
         x, x_no_bg = self.upload(images), self.upload(no_bg)
+        x_no_fg = self.upload(no_fg) if measure_fig else None
         fixed = {layer: k[0] for layer, k in self.keep_without(list(removed)).items()}
         out, self.batch_size = halving_on_oom(
-            lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size,
-                                    autocast=self.autocast, on_pairs=on_pairs, removed=fixed), self.batch_size)
+            lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
+                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg), self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
 from ..method import js, probs
 from ..models import HeadAdapter
+
+
+class Ablated(NamedTuple):
+    """Gains of the ablated model per (head, image): (heads, N) fp32 CPU tensors; fig is None when not measured."""
+
+    big: torch.Tensor
+    fig: torch.Tensor | None = None
 
 
 def pair_chunks(n_heads: int, n_images: int, pairs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,23 +44,28 @@ def scan_heads(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_pairs: Callable[[int], None] | None = None,
     removed: dict[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i.
+    images_no_fg: torch.Tensor | None = None,
+) -> Ablated:
+    """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i, and
+    FIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-fg)) too when `images_no_fg` is given (1.5x the forwards).
 
-    Returns a (len(heads), N) fp32 CPU tensor. `batch_size` counts images per forward pass
-    (a pair costs two); results do not depend on it beyond float rounding. `removed` holds
-    per-layer (heads,) keep vectors of heads pruned for good (iterative rounds): they stay
-    ablated in every forward, and each scanned head is ablated on top of them.
+    Returns Ablated(big=BIG^(-h), fig=FIG^(-h) or None), each (len(heads), N). `batch_size`
+    counts images per forward pass (a pair costs two, or three with FIG); results do not depend
+    on it beyond float rounding. `removed` holds per-layer (heads,) keep vectors of heads pruned
+    for good (iterative rounds): they stay ablated in every forward, and each scanned head is
+    ablated on top of them.
     """
     n = images.shape[0]
-    pairs_per_chunk = max(1, batch_size // 2)
-    x = torch.cat([images, images_no_bg])
+    views = [images, images_no_bg] + ([] if images_no_fg is None else [images_no_fg])
+    pairs_per_chunk = max(1, batch_size // len(views))
+    x = torch.cat(views)
     base = {layer: k.to(x.device) for layer, k in (removed or {}).items()}
 
     def fixed(layer: int, batch: int) -> torch.Tensor | None:
         return base[layer].expand(batch, -1) if layer in base else None
 
     out = torch.empty(len(heads), n, dtype=torch.float32)
+    out_fig = torch.empty(len(heads), n, dtype=torch.float32) if images_no_fg is not None else None
     by_layer: dict[int, list[int]] = defaultdict(list)
     for pos, (layer, _) in enumerate(heads):
         by_layer[layer].append(pos)
@@ -67,24 +79,26 @@ def scan_heads(
         positions = torch.tensor(by_layer.get(layer, []), dtype=torch.long)
         head_of = torch.tensor([heads[p][1] for p in positions.tolist()], dtype=torch.long)
         for head_pos, img in pair_chunks(len(positions), n, pairs_per_chunk):
-            idx = torch.cat([img, img + n]).to(x.device)
+            idx = torch.cat([img + v * n for v in range(len(views))]).to(x.device)
             keep = fixed(layer, len(idx))
             keep = torch.ones(len(idx), adapter.heads_per_layer[layer], device=x.device) if keep is None else keep.clone()
-            keep[torch.arange(len(idx)), head_of[head_pos].repeat(2).to(x.device)] = 0
+            keep[torch.arange(len(idx)), head_of[head_pos].repeat(len(views)).to(x.device)] = 0
             with autocast():
                 if tokens is not None:
                     logits = suffix(adapter, layer, tokens[idx], keep, fixed)
                 else:
                     masks = {l: fixed(l, len(idx)) for l in base}
                     logits = adapter.logits(x[idx], {**masks, layer: keep})
-            q = probs(logits, tau)
-            out[positions[head_pos], img] = js(q[: len(img)], q[len(img):]).cpu()
+            q = probs(logits, tau).split(len(img))
+            out[positions[head_pos], img] = js(q[0], q[1]).cpu()
+            if out_fig is not None:
+                out_fig[positions[head_pos], img] = js(q[0], q[2]).cpu()
             if on_pairs is not None:
                 on_pairs(len(img))
         if tokens is not None and layer < last:
             with autocast():
                 tokens = batched(lambda t, layer=layer: adapter.block(layer, t, fixed(layer, len(t))), tokens, batch_size)
-    return out
+    return Ablated(out, out_fig)
 
 
 def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor,

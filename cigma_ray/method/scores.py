@@ -1,7 +1,39 @@
-"""Per-head CIGMA scores: mean drop in BIG, its standard error, a seeded bootstrap interval, ranks."""
+"""Per-head scores (the paper's mean drop in BIG and two variants), standard errors, seeded bootstrap intervals, ranks."""
 from __future__ import annotations
 
 import numpy as np
+
+# What each score is the mean over images of, for (head h, image i). A head that every prediction
+# depends on shrinks FIG and BIG together when ablated; big_drop rewards it, the other two do not.
+SCORES = {
+    "big_drop": "BIG_i - BIG_i^(-h): the drop in background information gain (the paper's CIGMA score)",
+    "bir_drop": "BIR_i - BIR_i^(-h): the drop in the background influence ratio BIG / (FIG + BIG)",
+    "big_minus_fig": "(BIG_i - BIG_i^(-h)) - (FIG_i - FIG_i^(-h)): the drop in BIG beyond the drop in FIG",
+}
+
+
+def bir(fig: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """BIG / (FIG + BIG), NaN where FIG + BIG is 0."""
+    total = fig + big
+    return np.divide(big, total, out=np.full(np.broadcast(fig, big).shape, np.nan), where=total > 0)
+
+
+def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None = None,
+                fig_ablated: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each score's per-(head, image) term, whose mean over images is the score; broadcasting
+    shapes, e.g. big (N,) against big_ablated (H, N). Without FIG^(-h), only big_drop.
+
+    bir_drop's term is 0 where the intact or the ablated BIR is undefined (FIG + BIG = 0: the
+    prediction depends on neither region), so such a pair counts as no change.
+    """
+    big, big_ablated = np.asarray(big, np.float64), np.asarray(big_ablated, np.float64)
+    terms = {"big_drop": big - big_ablated}
+    if fig is not None and fig_ablated is not None:
+        fig, fig_ablated = np.asarray(fig, np.float64), np.asarray(fig_ablated, np.float64)
+        drop = bir(fig, big) - bir(fig_ablated, big_ablated)
+        terms["bir_drop"] = np.where(np.isnan(drop), 0.0, drop)
+        terms["big_minus_fig"] = (big - big_ablated) - (fig - fig_ablated)
+    return terms
 
 
 def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:

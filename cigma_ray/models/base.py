@@ -29,6 +29,11 @@ class ModelSpec:
     model_kwargs: dict = field(default_factory=dict)
     random_weights: bool = False
     seed: int = 0
+    # Hugging Face models (`hf:PATH`): which heads are scanned, the class names and the prompts.
+    heads: str = "vision"  # "vision" or "vision+text" (a vision-language model's language model too)
+    classes: tuple[str, ...] = ()  # one name per model output, in label order (default: the data's classes)
+    prompts: tuple[str, ...] = ()  # CLIP: templates with {}; a VLM: one question with {classes}
+    scoring: str = "sequence"  # VLM class logit: "sequence" (summed log-probs) or "first" (first token's)
 
     @property
     def family(self) -> str:
@@ -40,10 +45,15 @@ class ModelSpec:
 
 
 class HeadGates:
-    """Forward pre-hooks on each attention's output projection that apply the active keep-masks."""
+    """Forward pre-hooks on each attention's output projection that apply the active keep-masks.
 
-    def __init__(self, attentions: list[nn.Module]):
-        found = [attention_projection(a) for a in attentions]
+    Each layer is a timm-style attention module (`.proj`, `.num_heads`) or, for models that name
+    things otherwise (Hugging Face's `out_proj`, `o_proj`), an (output projection, heads) pair.
+    """
+
+    def __init__(self, attentions: list[nn.Module | tuple[nn.Linear, int]]):
+        found = [attention_projection(a) if isinstance(a, nn.Module) else head_projection(*a) for a in attentions]
+        self.projections = [proj for proj, _, _ in found]
         self.heads_per_layer = [heads for _, heads, _ in found]
         self.head_dims = [dim for _, _, dim in found]
         self.active: list[torch.Tensor | None] = [None] * len(found)
@@ -97,6 +107,11 @@ class HeadAdapter:
     def heads(self) -> list[tuple[int, int]]:
         return [(layer, h) for layer, n in enumerate(self.heads_per_layer) for h in range(n)]
 
+    @property
+    def layer_labels(self) -> list[str]:
+        """How people name each scanned layer ("0", "1", ...; a VLM's "vision.0", "text.0", ...)."""
+        return [str(layer) for layer in range(self.num_layers)]
+
     def logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The whole model's logits, with optional keep-masks {layer: (B, heads)}."""
         with self.gates.use(keep or {}):
@@ -124,4 +139,12 @@ def attention_projection(attn: nn.Module) -> tuple[nn.Linear, int, int]:
     if not isinstance(proj, nn.Linear) or not isinstance(heads, int) or proj.in_features % heads:
         raise ModelError(f"attention module {type(attn).__name__} has no per-head output projection "
                          "(needs .num_heads and a .proj Linear whose input splits into heads)")
+    return proj, heads, proj.in_features // heads
+
+
+def head_projection(proj: nn.Linear, heads: int) -> tuple[nn.Linear, int, int]:
+    """(output projection, number of heads, head width) of an explicitly given projection."""
+    if not isinstance(proj, nn.Linear) or proj.in_features % heads:
+        raise ModelError(f"{type(proj).__name__} with {getattr(proj, 'in_features', '?')} inputs cannot be split "
+                         f"into {heads} heads")
     return proj, heads, proj.in_features // heads

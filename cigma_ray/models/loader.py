@@ -1,7 +1,8 @@
 """Build a model from a ModelSpec, wrap it in the right adapter, and give its eval transform.
 
-Families are a registry keyed by the spec's prefix ("timm:NAME"); later families (CLIP,
-vision-language models) register a loader here.
+Families are a registry keyed by the spec's prefix ("timm:NAME", "hf:PATH"); a loader gets the
+spec and the device. Loaders that place the model themselves (a model split over several GPUs)
+set `adapter.placed`; every other model is moved to the device here.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class LoadedModel:
     fingerprint: dict
 
 
-LOADERS: dict[str, Callable[[ModelSpec], LoadedModel]] = {}
+LOADERS: dict[str, Callable[[ModelSpec, str | torch.device], LoadedModel]] = {}
 
 
 def register(family: str):
@@ -40,9 +41,11 @@ def load(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
                          f"use one of {', '.join(f'{f}:NAME' for f in LOADERS)} (e.g. timm:vit_base_patch16_224)")
     if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
         raise ModelError(f"--checkpoint {spec.checkpoint}: file not found")
-    loaded = LOADERS[spec.family](spec)
+    loaded = LOADERS[spec.family](spec, device)
     model = loaded.adapter.model
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False)
+    if not getattr(loaded.adapter, "placed", False):
+        model.to(device)
     return loaded
 
 
@@ -63,7 +66,7 @@ def checkpoint_classes(state_dict: dict) -> int | None:
 
 
 @register("timm")
-def load_timm(spec: ModelSpec) -> LoadedModel:
+def load_timm(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
