@@ -30,6 +30,7 @@ from .config import ConfigError, load
 RAY_VERSION = "2.60.0"  # the Ray that cluster/Dockerfile installs; KubeRay gates features on it
 CONFIG_DIR = "/config"
 CONFIG_KEY = "scan.yaml"
+CLASSES_KEY = "classes.txt"  # an hf model's --classes file, mounted beside the config
 ENTRYPOINT_ANNOTATION = "cigma-ray/entrypoint"  # RayCluster: the scan command to run on it
 NAME_LIMITS = {"rayjob": 47, "raycluster": 53}  # what the KubeRay operator admits
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")
@@ -97,7 +98,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # -- the scan command ----------------------------------------------------------------------
-def model_args(args: argparse.Namespace) -> list[str]:
+def model_args(args: argparse.Namespace, classes_path: str | None) -> list[str]:
+    """The model options of the scan; a --classes file is read at `classes_path`."""
     out = ["--model", args.model]
     if args.checkpoint:
         out += ["--checkpoint", args.checkpoint]
@@ -109,12 +111,20 @@ def model_args(args: argparse.Namespace) -> list[str]:
         out += ["--model-kwargs", *args.model_kwargs]
     if args.random_weights:
         out.append("--random-weights")
+    if args.classes:
+        out += ["--classes", classes_path]
+    for prompt in args.prompt:
+        out += ["--prompt", prompt]
+    if args.heads != "vision":
+        out += ["--heads", args.heads]
+    if args.scoring != "sequence":
+        out += ["--scoring", args.scoring]
     return out
 
 
-def scan_args(args: argparse.Namespace, config_path: str | None) -> list[str]:
-    """The user's own scan arguments, with the config file at `config_path`."""
-    out = [*model_args(args), "--data", args.data, "--out", args.out]
+def scan_args(args: argparse.Namespace, config_path: str | None, classes_path: str | None) -> list[str]:
+    """The user's own scan arguments, with the config file at `config_path` and the classes file at `classes_path`."""
+    out = [*model_args(args, classes_path), "--data", args.data, "--out", args.out]
     if args.config:
         out += ["--config", config_path]
     if args.device:
@@ -126,10 +136,11 @@ def scan_args(args: argparse.Namespace, config_path: str | None) -> list[str]:
     return out
 
 
-def entrypoint_argv(args: argparse.Namespace, config_path: str = f"{CONFIG_DIR}/{CONFIG_KEY}") -> list[str]:
+def entrypoint_argv(args: argparse.Namespace, config_path: str = f"{CONFIG_DIR}/{CONFIG_KEY}",
+                    classes_path: str = f"{CONFIG_DIR}/{CLASSES_KEY}") -> list[str]:
     """`cigma-ray scan ... --address auto`, one replica per worker pod (per pod the group may grow to)."""
     replicas = args.max_replicas or args.replicas
-    return ["cigma-ray", "scan", *scan_args(args, config_path), "--address", "auto", "--replicas", str(replicas),
+    return ["cigma-ray", "scan", *scan_args(args, config_path, classes_path), "--address", "auto", "--replicas", str(replicas),
             "--gpus-per-replica", str(args.gpus_per_replica), "--cpus-per-replica", str(args.cpus_per_replica)]
 
 
@@ -151,7 +162,7 @@ def render_argv(args: argparse.Namespace) -> list[str]:
         out += ["--active-deadline-seconds", str(args.active_deadline_seconds), "--backoff-limit", str(args.backoff_limit)]
     if args.ray_version != RAY_VERSION:
         out += ["--ray-version", args.ray_version]
-    return out + scan_args(args, args.config)
+    return out + scan_args(args, args.config, args.classes)
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -189,6 +200,8 @@ def check(args: argparse.Namespace) -> dict[str, str]:
     parse_kwargs(args.model_kwargs)
     if args.config:
         load(args.config)
+    if args.classes and not Path(args.classes).is_file():
+        raise ConfigError(f"--classes {args.classes}: file not found (its lines go into the job's ConfigMap)")
     check_model(args.model)
     return env
 
@@ -263,10 +276,12 @@ def render(args: argparse.Namespace) -> list[dict]:
     meta = {"name": args.name, **({"namespace": args.namespace} if args.namespace else {})}
     labels = {"app.kubernetes.io/name": "cigma-ray", "app.kubernetes.io/instance": args.name}
     docs, config_map = [], None
-    if args.config:
+    files = {key: Path(path).read_text() for key, path in ((CONFIG_KEY, args.config), (CLASSES_KEY, args.classes))
+             if path}
+    if files:
         config_map = f"{args.name}-config"
         docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {**meta, "name": config_map, "labels": labels},
-                     "data": {CONFIG_KEY: Path(args.config).read_text()}})
+                     "data": files})
     entrypoint = Folded(shlex.join(entrypoint_argv(args)))
     cluster = ray_cluster_spec(args, config_map)
     if args.kind == "raycluster":

@@ -440,7 +440,7 @@ def auto_k_report(rows: list[dict], chosen: dict | None, judged: list[dict], max
         lines.append(f"caution: {sum(d <= chosen['bir_mean'] for d in draws)} of {len(draws)} draws of {k} random heads "
                      f"lowered BIR as far (down to {min(draws):.3f}): the ranking is not clearly better than chance here.")
     elif draws:
-        lines.append(f"{k} random heads, for comparison: BIR {float(np.mean(draws)):.3f} on average "
+        lines.append(f"{k} random head{'s' if k > 1 else ''}, for comparison: BIR {float(np.mean(draws)):.3f} on average "
                      f"(best of {len(draws)} draws {min(draws):.3f}).")
     return "\n".join(lines)
 

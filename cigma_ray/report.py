@@ -66,6 +66,10 @@ def print_top(run: RunDir, top: int | None = None, score: str | None = None) -> 
     rows = [[r[f"{prefix}rank"], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
              f"[{r[prefix + 'ci_low']:+.5f}, {r[prefix + 'ci_high']:+.5f}]", r["n"]] for r in ranking]
     headers, align = ["rank", "layer", "head", name, "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
+    labels = meta["model"].get("layer_labels")
+    if labels:  # a vision-language model's heads are vision.L.H or text.L.H
+        headers, align = ["name"] + headers, "l" + align
+        rows = [[f"{labels[r['layer']]}.{r['head']}"] + row for row, r in zip(rows, ranking)]
     others = [s for s in scores if s != name] if cfg.get("rounds", 1) == 1 else []
     for other in others:
         headers, align = headers + [f"{other} (rank)"], align + "r"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     labels = meta["model"]["layer_labels"]
     assert labels == (["vision.0", "vision.1"] + (["text.0", "text.1"] if heads != "vision" else []))
     assert meta["model"]["options"]["classes"] == list(CLASSES)  # from the data's class folders
+    assert re.search(r"^name +rank", proc.stdout, re.M) and re.search(r"^(vision|text)\.\d\.\d ", proc.stdout, re.M)
     rankings = pq.read_table(os.path.join(out, "rankings.parquet"))
     assert rankings.num_rows == 4 * len(labels) and np.isfinite(rankings["score"].to_numpy()).all()
     if kind != "llava":

@@ -457,3 +457,23 @@ def test_local_rehearsal_of_a_rayjob(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
     for node in nodes:
         assert not session_pids(node.pid), "a Ray process outlived the test"
+
+
+def test_render_carries_a_vlms_options_and_classes_file(tmp_path, validators):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    path = render(tmp_path, [*IMAGE, "--gpus-per-replica", "4", "--model", "hf:s3://my-bucket/models/llava-13b",
+                             "--classes", str(classes), "--prompt", "Which is it: {classes}?", "--heads", "vision+text",
+                             "--data", "s3://my-bucket/images", "--out", "s3://my-bucket/runs/vlm"])
+    docs = load_docs(path)
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config_map["data"]["classes.txt"] == "cat\ndog\n" and "scan.yaml" in config_map["data"]
+    job = ray_docs(path)[0]
+    assert problems(job, validators) == []
+    argv = shlex.split(entrypoint(job))
+    assert argv[argv.index("--classes") + 1] == "/config/classes.txt"
+    assert argv[argv.index("--prompt") + 1] == "Which is it: {classes}?"
+    assert argv[argv.index("--heads") + 1] == "vision+text"
+    assert argv[argv.index("--gpus-per-replica") + 1] == "4"
+    assert main(["cluster", "render", *IMAGE, "--model", "hf:/models/x", "--classes", str(tmp_path / "missing.txt"),
+                 "--data", "d", "--out", "o"]) == 2

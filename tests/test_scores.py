@@ -177,3 +177,14 @@ def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny
     assert "bir_drop" not in pq.read_table(os.path.join(out, "rankings.parquet")).column_names
     bad = cigma("sweep", out, "--k", "1", "--scores", "bir_drop", check=False)
     assert bad.returncode == 2 and "did not measure FIG" in bad.stderr
+
+
+def test_export_by_another_score(scored_run, tmp_path):
+    out = str(tmp_path / "pruned.pth")
+    proc = cigma("export", scored_run, "--k", "2", "--score", "big_minus_fig", "--out", out)
+    ranking = pq.read_table(os.path.join(scored_run, "rankings.parquet")).sort_by("big_minus_fig_rank").slice(0, 2)
+    named = " ".join(f"{r['layer']}.{r['head']}" for r in ranking.to_pylist())
+    assert f"(top 2 of rankings.parquet by big_minus_fig): {named}" in proc.stdout
+    info = json.loads(open(out + ".json").read())
+    assert [(r["layer"], r["head"]) for r in info["removed_heads"]] == [
+        (r["layer"], r["head"]) for r in ranking.to_pylist()]
