@@ -136,7 +136,7 @@ def tokens_per_forward(config, classes: int) -> tuple[int, int]:
 
 def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_node: int = 8, nodes: int = 1,
               images: int = 10_000, accuracy: float = 1.0, tp_ratio: float = 0.4, mask_steps: int = 250,
-              heads: str = "vision", classes: int = 10, rate: float | None = None) -> dict:
+              heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True) -> dict:
     """Every number `cigma-ray plan` prints, as a dict (tests check them)."""
     params = count_params(config)
     card = GPUS[gpu]
@@ -147,7 +147,8 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     replicas = nodes * (gpus_per_node // gpus_per_replica)
     d = max(1, round(images * accuracy * tp_ratio))
     n_heads = heads_of(config, heads)
-    forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * 2}
+    views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
+    forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
     vision_tokens, text_tokens = tokens_per_forward(config, classes)
     flops = 2 * (params["vision"] * vision_tokens + (params["language"] + params["projector"]) * text_tokens)
     if rate is None:
@@ -158,7 +159,7 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     seconds = sum(forwards.values()) / (rate * replicas)
     return {"params": params, "memory_gb": memory_gb, "gpus_per_replica": gpus_per_replica,
             "replicas_per_node": gpus_per_node // gpus_per_replica, "replicas": replicas, "images_in_d": d,
-            "heads": n_heads, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
+            "heads": n_heads, "views": views, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
             "hours": seconds / 3600, "gpu_hours": seconds * replicas * gpus_per_replica / 3600}
 
 
@@ -194,8 +195,8 @@ def format_plan(name: str, p: dict, args: argparse.Namespace) -> str:
         f"images     {args.images} predicted; D = {p['images_in_d']} (accuracy {args.accuracy:g} x tp_ratio {args.tp_ratio:g})",
         f"heads      {p['heads']} scanned ({args.heads}); the language model runs in full for every ablated forward",
         f"forwards   predict {f['predict']:,} + mask {f['mask']:,} (D x (3 x {args.mask_steps} steps + 3)) + "
-        f"scan {f['scan']:,} (heads x D x 2) = {total:,}",
-        f"rate       {p['rate']:.1f} forwards/s per replica ({p['rate'] / 2:.1f} head x image pairs/s) "
+        f"scan {f['scan']:,} (heads x D x {p['views']}{', measure_fig' if p['views'] == 3 else ''}) = {total:,}",
+        f"rate       {p['rate']:.1f} forwards/s per replica ({p['rate'] / p['views']:.1f} head x image pairs/s) "
         + ("(measured, --rate)" if p["rate_measured"] else
            f"(estimate: {p['flops_per_forward'] / 1e12:.2f} TFLOP per forward at {UTILISATION:.0%} of the "
            f"{args.gpu}'s {GPUS[args.gpu].bf16_tflops:g} TFLOP/s bf16 peak; measure with a short scan and pass --rate)"),
@@ -213,8 +214,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--images", type=int, default=10_000, help="images in the data set (default 10000)")
     p.add_argument("--accuracy", type=float, default=1.0, help="expected share classified correctly (default 1.0)")
-    p.add_argument("--tp-ratio", type=float, default=0.4, help="config key tp_ratio (default 0.4)")
-    p.add_argument("--mask-steps", type=int, default=250, help="config key mask_steps (default 250)")
+    p.add_argument("--config", help="the scan's YAML config file: tp_ratio, mask_steps and measure_fig come from it")
+    p.add_argument("--tp-ratio", type=float, help="config key tp_ratio (default: the config's, 0.4)")
+    p.add_argument("--mask-steps", type=int, help="config key mask_steps (default: the config's, 250)")
     p.add_argument("--heads", default="vision", choices=["vision", "vision+text"])
     p.add_argument("--classes", type=int, default=10, help="number of classes (prompt and scoring length; default 10)")
     p.add_argument("--rate", type=float, help="measured whole-model forwards per second per replica")
@@ -224,11 +226,17 @@ def add_plan_parser(sub) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import ConfigError
 
+    from .config import load
+
+    cfg = load(args.config)
+    args.tp_ratio = cfg.tp_ratio if args.tp_ratio is None else args.tp_ratio
+    args.mask_steps = cfg.mask_steps if args.mask_steps is None else args.mask_steps
     config = read_config(args.model)
     try:
         plan = make_plan(config, precision=args.precision, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                          nodes=args.nodes, images=args.images, accuracy=args.accuracy, tp_ratio=args.tp_ratio,
-                         mask_steps=args.mask_steps, heads=args.heads, classes=args.classes, rate=args.rate)
+                         mask_steps=args.mask_steps, heads=args.heads, classes=args.classes, rate=args.rate,
+                         measure_fig=cfg.measure_fig)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(format_plan(args.model, plan, args))

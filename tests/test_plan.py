@@ -62,7 +62,8 @@ def test_internvl2_26b_plan_is_plausible(tmp_path):
     assert p["params"]["vision"] == pytest.approx(5.5e9, rel=0.03)  # InternViT-6B
     assert 51 < p["memory_gb"] < 80 and p["gpus_per_replica"] == 1 and p["replicas_per_node"] == 8
     assert p["heads"] == 45 * 25 and p["images_in_d"] == 4000
-    assert p["forwards"]["scan"] == 45 * 25 * 4000 * 2
+    assert p["forwards"]["scan"] == 45 * 25 * 4000 * 3  # measure_fig (the default): three views per pair
+    assert make_plan(config, measure_fig=False)["forwards"]["scan"] == 45 * 25 * 4000 * 2
     on_a100 = make_plan(config, precision="bf16", gpu="a100-40")
     assert on_a100["gpus_per_replica"] == 2 and on_a100["replicas_per_node"] == 4
     assert make_plan(config, precision="fp32", gpu="h100")["gpus_per_replica"] == 2
@@ -85,5 +86,10 @@ def test_plan_command_prints_every_number(tmp_path, capsys):
     for word in ("parameters 25.5", "GB per replica in bf16", "--gpus-per-replica 2", "4 replicas per 8-GPU node",
                  "D = 400", "1125 scanned", "language model runs in full", "(measured, --rate)", "GPU-hours"):
         assert word in out, (word, out)
+    assert "heads x D x 3, measure_fig" in out
+    (tmp_path / "paper.yaml").write_text("measure_fig: false\ntp_ratio: 0.5\n")
+    assert main(["plan", "--model", f"hf:{path}", "--images", "1000", "--config", str(tmp_path / "paper.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "D = 500" in out and "scan 1,125,000 (heads x D x 2)" in out
     assert main(["plan", "--model", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
