@@ -148,10 +148,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         from .distributed import check_address, run_on_ray
 
         check_address(args.address)
-        # the driver only validates (model on its CPU); replicas use --device, or CUDA when they hold GPUs
+        # the driver only validates: a vision-language model without its weights ("meta"), a timm model on
+        # its CPU; replicas use --device, or CUDA when they hold GPUs
         job = Job(model=spec, data=args.data, out=args.out, config=cfg, device=args.device or "cpu",
                   precision=args.precision)
-        pipeline = Pipeline(job, progress=not args.quiet, load_device="cpu")
+        pipeline = Pipeline(job, progress=not args.quiet, load_device="meta")
         run_on_ray(pipeline, args.address, args.replicas, args.cpus_per_replica, args.gpus_per_replica)
     print_top(pipeline.run)
     return 0

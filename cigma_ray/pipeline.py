@@ -107,7 +107,7 @@ class Worker:
         self.cfg = job.config
         self.run = RunDir(job.out)
         self.source = source or open_source(job.data)
-        self.loaded = loaded or load(job.model, job.device)
+        self.loaded = loaded or load(job.model, job.device, job.precision)
         self.replica = Replica(self.loaded, job.device, job.precision, self.cfg.batch_size)
 
     def _images(self, unit: Unit):
@@ -226,7 +226,7 @@ class Pipeline:
         self.executor = executor  # None: units run in this process
         self.source = open_source(job.data)
         job = self.job = replace(job, model=spec_with_classes(job.model, self.source.classes))  # hf: the data's class names
-        self.loaded = load(job.model, load_device or job.device)
+        self.loaded = load(job.model, load_device or job.device, job.precision)
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter

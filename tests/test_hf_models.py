@@ -211,3 +211,13 @@ def test_a_run_rebuilds_the_same_model_from_its_record(saved):
             "config": {"seed": 0}}
     assert scanned_model_spec(meta) == ModelSpec(**{**spec.__dict__, "num_classes": 3})
     assert load(scanned_model_spec(meta)).fingerprint == fp
+
+
+@pytest.mark.parametrize("kind", ["llava", "internvl"])
+def test_the_ray_driver_describes_a_vlm_without_its_weights(saved, kind):
+    spec = ModelSpec(f"hf:{saved[kind]}", classes=CLASSES, heads="vision+text")
+    meta, cpu = load(spec, "meta"), load(spec, "cpu")
+    assert all(p.device.type == "meta" for p in meta.adapter.model.parameters())  # nothing of the weights is held
+    assert meta.adapter.heads_per_layer == cpu.adapter.heads_per_layer and meta.num_classes == cpu.num_classes
+    assert meta.fingerprint == cpu.fingerprint and meta.adapter.input_size == cpu.adapter.input_size
+    assert next(cpu.adapter.model.parameters()).dtype == torch.float32  # fp32 runs keep fp32 weights

@@ -168,7 +168,7 @@ def check_spec(spec: ModelSpec) -> None:
 
 
 @register("hf")
-def load_hf(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+def load_hf(spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     """Find the directory, pick the adapter by config.json's model_type, and fingerprint the result."""
     check_spec(spec)
     try:
@@ -181,7 +181,7 @@ def load_hf(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
     if kind not in table:
         raise ModelError(f"--model {spec.name}: config.json has model_type {kind!r}, which cigma-ray has no adapter "
                          f"for; supported: {', '.join(sorted(table))} (hf_vlm.py says how to add one)")
-    adapter, transform = table[kind](spec, path, device)
+    adapter, transform = table[kind](spec, path, device, precision)
     with open(os.path.join(path, "config.json")) as f:
         config_hash = hashlib.sha256(f.read().encode()).hexdigest()[:16]
     fingerprint = {"name": spec.name, "checkpoint": None, "model_kwargs": {}, "img_size": None, "options": options(spec),
@@ -189,6 +189,9 @@ def load_hf(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
                    "num_classes": len(spec.classes), "input_size": list(adapter.input_size),
                    "layer_labels": adapter.layer_labels}
     return LoadedModel(adapter=adapter, transform=transform, num_classes=len(spec.classes), fingerprint=fingerprint)
+
+
+load_hf.describes = True  # device "meta": a vision-language model's structure without its weights
 
 
 def options(spec: ModelSpec) -> dict:

@@ -76,7 +76,7 @@ def class_embeddings(clip: nn.Module, tokenizer, classes: tuple[str, ...], templ
     return torch.stack(out)
 
 
-def load_clip(spec: ModelSpec, path: str, device) -> tuple[CLIPAdapter, object]:
+def load_clip(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tuple[CLIPAdapter, object]:
     from transformers import AutoTokenizer, CLIPModel
 
     if spec.heads != "vision":

@@ -178,7 +178,7 @@ def class_token_ids(tokenizer, classes: tuple[str, ...], scoring: str) -> list[l
     return ids
 
 
-def load_vlm(spec: ModelSpec, path: str, device) -> tuple[VLMAdapter, object]:
+def load_vlm(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tuple[VLMAdapter, object]:
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -202,11 +202,17 @@ def load_vlm(spec: ModelSpec, path: str, device) -> tuple[VLMAdapter, object]:
     prefix_ids = processor(text=text, images=dummy, return_tensors="pt", **arch.processor_kwargs)["input_ids"]
     class_ids = class_token_ids(processor.tokenizer, spec.classes, spec.scoring)
 
+    model_class = getattr(transformers, arch.model_class)
+    if torch.device(device).type == "meta":  # the structure only (a Ray driver): no weights are read
+        with torch.device("meta"):
+            vlm = model_class._from_config(config)
+        return VLMAdapter(VLMClassifier(vlm.eval(), arch, prefix_ids, class_ids, spec.scoring), spec.heads,
+                          (size, size), placed=False), image_transform(path, (size, size))
     placement = device_plan(device, [torch.cuda.get_device_properties(i).total_memory
                                      for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16  # a 26B model in fp32 fits no GPU
-    vlm = getattr(transformers, arch.model_class).from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                                  **(placement or {}))
+    # the weights in bf16 only for a bf16 run on a GPU; fp32 runs (the exact ones) keep fp32 weights
+    dtype = torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else torch.float32
+    vlm = model_class.from_pretrained(path, local_files_only=True, dtype=dtype, **(placement or {}))
     model = VLMClassifier(vlm.eval(), arch, prefix_ids, class_ids, spec.scoring)
     if placement is not None:  # the buffers go where the inputs go, the first GPU
         model.prefix_ids, model.class_ids, model.class_mask = (t.to("cuda:0") for t in

@@ -34,14 +34,23 @@ def register(family: str):
     return wrap
 
 
-def load(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load, freeze and move the model; raises ModelError with the fix for any bad spec."""
+def load(spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
+    """Load, freeze and move the model; raises ModelError with the fix for any bad spec.
+
+    `precision` is the run's: timm weights stay fp32 (bf16 runs under autocast), a large hf model's
+    weights load in bf16 for a bf16 run on a GPU. Device "meta" describes the model without its
+    weights (heads, classes, fingerprint) where a loader can, so a Ray driver never holds a 26B
+    model; loaders that cannot load on the CPU instead.
+    """
     if spec.family not in LOADERS:
         raise ModelError(f"--model {spec.name!r}: unknown model family {spec.family!r}; "
                          f"use one of {', '.join(f'{f}:NAME' for f in LOADERS)} (e.g. timm:vit_base_patch16_224)")
     if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
         raise ModelError(f"--checkpoint {spec.checkpoint}: file not found")
-    loaded = LOADERS[spec.family](spec, device)
+    fn = LOADERS[spec.family]
+    if str(device) == "meta" and not getattr(fn, "describes", False):
+        device = "cpu"
+    loaded = fn(spec, device, precision)
     model = loaded.adapter.model
     model.eval().requires_grad_(False)
     if not getattr(loaded.adapter, "placed", False):
@@ -66,7 +75,7 @@ def checkpoint_classes(state_dict: dict) -> int | None:
 
 
 @register("timm")
-def load_timm(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+def load_timm(spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
