@@ -41,7 +41,7 @@ TARGETS = {
     ("cuda", "bf16"): {"engine_over_forward": 1.2, "engine_over_paper_loop": 5.0, "masks_over_bound": 1.2},
 }
 RATIO_LABELS = {"engine_over_forward": "engine / forward", "engine_over_paper_loop": "engine / paper loop",
-                "masks_over_bound": "masks / bound", "fig_cost": "scan time with FIG^(-h)"}
+                "masks_over_bound": "masks / bound", "fig_cost": "scan with FIG^(-h)"}
 MASK_BOUND = "forward_best / (3 x steps) masks/s: a mask step is a forward and a backward (~3 forwards)"
 BF16_SEEDS = (0, 1, 2)
 TOP_K = 16

@@ -160,7 +160,7 @@ def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tup
     return png(fig)
 
 
-def intervals_figure(rows: list[dict], ci_level: float, score: str) -> bytes:
+def intervals_figure(rows: list[dict], ci_level: float, score_name: str) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['layer']}.{r['head']}" for r in rows]
@@ -175,7 +175,7 @@ def intervals_figure(rows: list[dict], ci_level: float, score: str) -> bytes:
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_ylabel("head (layer.head)")
-    ax.set_xlabel(f"{score} with its {ci_level:.0%} bootstrap interval")
+    ax.set_xlabel(f"{score_name} with its {ci_level:.0%} bootstrap interval")
     return png(fig)
 
 
@@ -554,12 +554,14 @@ def write_report(run: RunDir, k: int | None = None, n_images: int = 4, device: s
     page.add(html_table(rows, columns))
     others = [s for s in run_scores(meta) if s != score]
     if others:
-        page.add("<h3>The same heads by the other scores</h3><p>"
+        page.add(f"<h3>The same heads by the other scores</h3><p>Each cell: the score, its {level:.0%} bootstrap "
+                 "interval and the head's rank by it. "
                  + "; ".join(f"<b>{html.escape(o)}</b>: {html.escape(SCORES[o])}" for o in others)
                  + ". A head that every prediction needs lowers FIG and BIG together: big_drop rewards it, the "
                  "others do not.</p>")
-        page.add(html_table(rows, ["layer", "head", *[c for o in [score, *others] for c in
-                                                      (o, f"{o}_ci_low", f"{o}_ci_high", f"{o}_rank")]]))
+        page.add(html_table([{"layer": r["layer"], "head": r["head"],
+                              **{o: f"{r[o]:+.4g} [{r[o + '_ci_low']:+.3g}, {r[o + '_ci_high']:+.3g}] rank {r[o + '_rank']}"
+                                 for o in [score, *others]}} for r in rows]))
 
     page.add(f"<h2>Stability of the top {k}</h2>")
     stability_section(page, run, meta, image_ids, k)
