@@ -98,9 +98,11 @@ def random_heads(heads: list[tuple[int, int]], k: int, seed: int) -> list[tuple[
     return [heads[i] for i in sorted(rng.choice(len(heads), size=k, replace=False))]
 
 
-def check_k(k: int, n_heads: int, name: str = "top_k") -> None:
-    if not 0 <= k <= n_heads:
-        raise ConfigError(f"{name}={k}: the model has {n_heads} heads; choose K of at most {n_heads}")
+def check_k(k: int, n_heads: int, name: str = "top_k", allow_zero: bool = False) -> None:
+    """K heads to remove: 1 to n_heads (a sweep may also name 0, the intact model)."""
+    low = 0 if allow_zero else 1
+    if not low <= k <= n_heads:
+        raise ConfigError(f"{name}={k}: the model has {n_heads} heads; choose K from {low} to {n_heads}")
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -588,7 +590,7 @@ def prepare(args: argparse.Namespace, ks: list[int] | None,
     n_heads = sum(meta["plan"]["heads_per_layer"])
     ks = [resolve_k(meta["config"]["top_k"], n_heads)] if ks is None else ks
     for k in ks:
-        check_k(k, n_heads, "--k")
+        check_k(k, n_heads, "--k", allow_zero=args.command == "sweep")
     parse_scores(args.scores, meta)
     if args.mask_images < 1 or args.random_seeds < 1:
         raise ConfigError("--mask-images and --random-seeds must be at least 1")

@@ -525,10 +525,8 @@ def write_report(run: RunDir, k: int | None = None, n_images: int = 4, device: s
     meta = run.read_json("run.json")
     heads_per_layer = meta["plan"]["heads_per_layer"]
     k = resolve_k(meta["config"]["top_k"], sum(heads_per_layer)) if k is None else k
-    check_k(k, sum(heads_per_layer))
+    check_k(k, sum(heads_per_layer), "--k")
     score = meta["config"].get("score", "big_drop")
-    if k < 1:
-        raise ConfigError("--k 0: the report is about the top K heads; choose K of 1 or more")
     rankings = run.read_table("rankings.parquet")
     top = top_heads(rankings, k)
     masks = run.read_folder("masks")

@@ -181,6 +181,8 @@ def test_clear_errors(tiny_run, tmp_path, capsys):
     assert "--k=10: the model has 9 heads" in capsys.readouterr().err
     assert main(["sweep", out, "--k", "0,4,12"]) == 2
     assert "--k=12: the model has 9 heads" in capsys.readouterr().err
+    assert main(["prune", out, "--k", "0"]) == 2  # 0 is the intact model: a sweep's baseline, not a pruning
+    assert "--k=0: the model has 9 heads; choose K from 1 to 9" in capsys.readouterr().err
     assert main(["sweep", out, "--k", "four"]) == 2
     assert "write K values separated by commas" in capsys.readouterr().err
 
