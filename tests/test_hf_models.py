@@ -221,3 +221,21 @@ def test_the_ray_driver_describes_a_vlm_without_its_weights(saved, kind):
     assert meta.adapter.heads_per_layer == cpu.adapter.heads_per_layer and meta.num_classes == cpu.num_classes
     assert meta.fingerprint == cpu.fingerprint and meta.adapter.input_size == cpu.adapter.input_size
     assert next(cpu.adapter.model.parameters()).dtype == torch.float32  # fp32 runs keep fp32 weights
+
+
+@pytest.mark.parametrize("kind", ["llava", "internvl", "llava_next"])
+def test_vision_prefix_sharing_equals_whole_model_forwards(saved, kind):
+    """The vision layers below an ablated head computed once (embed, block, finish with stand-in layers)
+    give what the whole-model forward with the keep-mask gives (itself equal to weight zeroing, above)."""
+    from cigma_ray.engine import scan_heads
+
+    adapter = load(ModelSpec(f"hf:{saved[kind]}", classes=CLASSES)).adapter
+    assert adapter.supports_prefix == (kind != "llava_next")  # LLaVA-NeXT's tiles: whole-model forwards
+    views = [torch.randn(3, 3, *adapter.input_size, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    fast = scan_heads(adapter, views[0], views[1], adapter.heads, batch_size=4, images_no_fg=views[2])
+    adapter.supports_prefix = False
+    slow = scan_heads(adapter, views[0], views[1], adapter.heads, batch_size=4, images_no_fg=views[2])
+    torch.testing.assert_close(fast.big, slow.big, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.fig, slow.fig, rtol=0, atol=1e-6)
+    assert slow.big.std() > 1e-5  # the heads matter differently: the comparison can fail
+    assert not load(ModelSpec(f"hf:{saved[kind]}", classes=CLASSES, heads="vision+text")).adapter.supports_prefix

@@ -11,8 +11,9 @@ copies of that cache, and a class's logit is the log-probability of its answer:
   when every class starts with a different token; it asks "which answer does the model begin".
 
 The heads are `vision.L` (the vision encoder, the default) and with `--heads vision+text` also
-`text.L` (the language model). The keep-mask acts on the vision encoder exactly as for timm; the
-language model runs for every ablation (no prefix sharing here: each forward is the whole model).
+`text.L` (the language model). The keep-mask acts on the vision encoder exactly as for timm, and
+so does prefix sharing of the vision layers below an ablated head (VLMAdapter); the language
+model runs for every ablation.
 
 Adding another architecture: give its config.json `model_type` an Architecture below, with the
 transformers class, where its vision encoder and language model are (the heads inside are found
@@ -139,12 +140,19 @@ class VLMClassifier(nn.Module):
 
 
 class VLMAdapter(HFAdapter):
-    """Whole-model forwards; heads of the vision encoder, and of the language model with vision+text."""
+    """Heads of the vision encoder, and of the language model with vision+text.
 
-    supports_prefix = False
+    Scanning the vision encoder's heads alone, the layers below an ablated head are shared as for
+    timm (`supports_prefix`): `embed` and `block` run the vision layers themselves, and `finish`
+    runs the whole model with the vision layers below the last one standing in for their result
+    (they return the given tokens without computing), so the language model still runs for every
+    ablated forward. That needs one tile per image and a model that reads only its last two vision
+    layers (LLaVA's default -2, InternVL's -1); otherwise every forward is the whole model.
+    """
 
     def __init__(self, model: VLMClassifier, heads: str, input_size: tuple[int, int], placed: bool):
-        layers = {"vision": find_heads(model.arch.vision(model.vlm))}
+        vision = model.arch.vision(model.vlm)
+        layers = {"vision": find_heads(vision)}
         if heads == "vision+text":
             layers["text"] = find_heads(model.arch.text(model.vlm))
         if not all(layers.values()):
@@ -152,6 +160,62 @@ class VLMAdapter(HFAdapter):
                              f"{type(model.vlm).__name__}; add its names to hf.OUTPUT_PROJECTIONS")
         super().__init__(model, layers, input_size)
         self.placed = placed
+        self.vision = vision
+        self.layers = vision_layers(vision, [proj for proj, _ in layers["vision"]])
+        self.supports_prefix = (heads == "vision" and model.arch.pixels is plain_pixels and self.layers is not None
+                                and reads_last_layers_only(model.vlm.config, len(self.layers)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
+        captured = []
+        with stand_ins(self.layers, lambda t: captured.append(t) or t):  # the layers compute nothing
+            self.vision(pixel_values=x)
+        return captured[0]
+
+    def block(self, layer: int, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        module = self.layers[layer]
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+        required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        with self.gates.use({layer: keep} if keep is not None else {}):
+            return module(tokens, *[None] * len(required))  # e.g. CLIP's attention_mask
+
+    def finish(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The class scores from the input of the last vision layer: the layers below it stand in for it."""
+        last = self.num_layers - 1
+        x = torch.zeros(len(tokens), 3, *self.input_size, device=tokens.device, dtype=tokens.dtype)
+        with stand_ins(self.layers[:last], lambda t: tokens), self.gates.use({last: keep} if keep is not None else {}):
+            return self.model(x)
+
+
+def vision_layers(vision: nn.Module, projections: list[nn.Linear]) -> nn.ModuleList | None:
+    """The vision encoder's list of layers: the ModuleList whose i-th element holds the i-th head projection."""
+    for module in vision.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == len(projections) and all(
+                any(m is proj for m in layer.modules()) for layer, proj in zip(module, projections)):
+            return module
+    return None
+
+
+def reads_last_layers_only(config, n_layers: int) -> bool:
+    """Whether the language model reads only the vision hidden states of the last two layers."""
+    read = getattr(config, "vision_feature_layer", -1)
+    read = read if isinstance(read, (list, tuple)) else [read]
+    return all((i if i >= 0 else n_layers + 1 + i) >= n_layers - 1 for i in read)
+
+
+class stand_ins:
+    """Within the block, each of `layers` returns fn(its input) instead of computing (hooks still see it)."""
+
+    def __init__(self, layers, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.layers, self.fn = list(layers), fn
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.forward = lambda hidden_states, *args, **kwargs: self.fn(hidden_states)
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.forward
 
 
 def prefix_text(processor, question: str) -> str:
