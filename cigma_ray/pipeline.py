@@ -370,7 +370,8 @@ class Pipeline:
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
         heads = [h for h in self.adapter.heads if h not in set(removed)]
-        matrices = score_matrices(self.run, units, heads, sorted(selected), self.cfg.measure_fig)
+        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        matrices = score_matrices(self.run, units, heads, sorted(selected), names)
         columns = {"layer": pa.array([l for l, _ in heads], pa.int32()),
                    "head": pa.array([h for _, h in heads], pa.int32())}
         for name, matrix in matrices.items():
@@ -399,18 +400,18 @@ def merge_rounds(rounds: list[pa.Table], k_per_round: int) -> pa.Table:
 
 
 def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int],
-                   measure_fig: bool) -> dict[str, np.ndarray]:
-    """(heads, images) matrices of each score's terms (`method.score_terms`), read from each scan unit's
-    file in turn; every cell must be filled exactly once."""
+                   names: list[str]) -> dict[str, np.ndarray]:
+    """(heads, images) matrices of the named scores' terms (`method.score_terms`), read from each scan
+    unit's file in turn; every cell must be filled exactly once."""
     head_index = np.full((max(l for l, _ in heads) + 1, max(h for _, h in heads) + 1), -1, dtype=np.int64)
     for i, (layer, head) in enumerate(heads):
         head_index[layer, head] = i
     ids = np.asarray(images, dtype=np.int64)
     by_id = np.argsort(ids, kind="stable")
-    names = list(SCORES) if measure_fig else ["big_drop"]
     matrices = {name: np.full((len(heads), len(images)), np.nan) for name in names}
     filled = np.zeros((len(heads), len(images)), dtype=np.int32)
-    columns = ["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if measure_fig else [])
+    needs_fig = any(name != "big_drop" for name in names)
+    columns = ["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if needs_fig else [])
     for unit in units:
         t = run.read_table(unit.file, columns)
         layer, head, image = (t[k].to_numpy().astype(np.int64) for k in ("layer", "head", "image_id"))

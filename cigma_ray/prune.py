@@ -395,8 +395,9 @@ def choose_pruning(rows: list[dict], max_clean_drop: float) -> tuple[dict | None
 
 
 def auto_k_report(rows: list[dict], chosen: dict | None, judged: list[dict], max_clean_drop: float,
-                  data: EvalSet, cfg: Config) -> str:
-    """The trade-off table (every score and K, random K as control) and why the choice was made."""
+                  data: EvalSet, cfg: Config) -> tuple[str, str]:
+    """The trade-off table (every score and K, random K as control) and why the choice was made;
+    (the whole text, its "chosen: ..." line)."""
     intact = next(r for r in rows if r["control"] == "intact")
     ks = sorted({r["k"] for r in judged})
     table = [["none", "", cell(intact["accuracy"], intact["accuracy_low"], intact["accuracy_high"]), "",
@@ -424,14 +425,15 @@ def auto_k_report(rows: list[dict], chosen: dict | None, judged: list[dict], max
                           table, "llrrrrl"), ""]
     lines += collapse_notes([r for r in rows if r["control"] in SCORES])
     if chosen is None:
-        lines.append("chosen: none. No score and K lowers held-out BIR without breaking the guard or collapsing the "
-                     "model: keep the model intact (K = 0), or allow a larger drop with --max-clean-drop.")
-        return "\n".join(lines)
+        reason = ("chosen: none. No score and K lowers held-out BIR without breaking the guard or collapsing the "
+                  "model: keep the model intact (K = 0), or allow a larger drop with --max-clean-drop.")
+        return "\n".join(lines + [reason]), reason
     k = chosen["k"]
-    lines.append(f"chosen: the top {k} by {chosen['control']} ({chosen['heads']}): held-out BIR {intact['bir_mean']:.3f} "
-                 f"-> {chosen['bir_mean']:.3f} ({chosen['bir_change']:+.3f}), clean accuracy {chosen['accuracy']:.3f} "
-                 f"(drop {chosen['clean_drop']:.3f} <= {max_clean_drop:g}); the largest BIR reduction of the "
-                 f"{sum(j['verdict'] in ('chosen', 'within guard') for j in judged)} settings within the guard.")
+    reason = (f"chosen: the top {k} by {chosen['control']} ({chosen['heads']}): held-out BIR {intact['bir_mean']:.3f} "
+              f"-> {chosen['bir_mean']:.3f} ({chosen['bir_change']:+.3f}), clean accuracy {chosen['accuracy']:.3f} "
+              f"(drop {chosen['clean_drop']:.3f} <= {max_clean_drop:g}); the largest BIR reduction of the "
+              f"{sum(j['verdict'] in ('chosen', 'within guard') for j in judged)} settings within the guard.")
+    lines.append(reason)
     tempting = [j for j in judged if j["bir_change"] < chosen["bir_change"] and j["verdict"] != "chosen"]
     if tempting:
         best = min(tempting, key=lambda j: j["bir_change"])
@@ -444,7 +446,7 @@ def auto_k_report(rows: list[dict], chosen: dict | None, judged: list[dict], max
     elif draws:
         lines.append(f"{k} random head{'s' if k > 1 else ''}, for comparison: BIR {float(np.mean(draws)):.3f} on average "
                      f"(best of {len(draws)} draws {min(draws):.3f}).")
-    return "\n".join(lines)
+    return "\n".join(lines), reason
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -650,11 +652,10 @@ def auto_k(pipeline: Pipeline, data: EvalSet, ks: list[int], seeds: list[int], s
     pipeline.run.write_table("eval/auto-k.parquet", pa.Table.from_pylist(
         [{**r, "verdict": verdicts.get((r["control"], r["k"]), "control" if r["control"] == "random" else "")}
          for r in rows]))
-    text = auto_k_report(rows, chosen, judged, max_clean_drop, data, pipeline.cfg)
+    text, reason = auto_k_report(rows, chosen, judged, max_clean_drop, data, pipeline.cfg)
     choice = {"score": chosen and chosen["control"], "k": chosen["k"] if chosen else 0,
               "heads": chosen["heads"] if chosen else "", "max_clean_drop": max_clean_drop, "set": data.url,
-              "n_images": len(data.labels),
-              "reason": next(line for line in text.splitlines() if line.startswith("chosen:"))}
+              "n_images": len(data.labels), "reason": reason}
     pipeline.run.write_bytes("eval/auto-k.json", json.dumps(choice, indent=2).encode())
     print(text)
     return choice

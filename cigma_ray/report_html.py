@@ -22,6 +22,7 @@ from .config import Config, ConfigError, resolve_k
 from .data import DataError, open_source
 from .engine import Replica
 from .method import SCORES, counterfactuals, probs
+from .method.scores import resampled_means
 from .models import LoadedModel
 from .pipeline import load_scanned
 from .storage import RunDir, StorageError
@@ -66,21 +67,6 @@ def open_scanned_data(meta: dict):
 
 # -- statistics of the ranking -------------------------------------------------------------------
 
-def resampled_means(deltas: np.ndarray, resamples: int, seed: int):
-    """Blocks of (resamples, heads) means over bootstrap resamples of the images.
-
-    The same draws, in the same order, as `method.head_scores`, so these are the resamples the
-    intervals came from.
-    """
-    n = deltas.shape[1]
-    rng = np.random.default_rng(seed)
-    block = max(1, 2**22 // n)
-    for start in range(0, resamples, block):
-        counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
-                           for _ in range(min(block, resamples - start))]).astype(np.float64)
-        yield counts @ deltas.T / n
-
-
 def top_k_probability(deltas: np.ndarray, k: int, resamples: int, seed: int) -> np.ndarray:
     """Per head, the fraction of bootstrap resamples of D in which it is among the K best scores."""
     hits = np.zeros(deltas.shape[0])
@@ -124,8 +110,7 @@ def first_round_deltas(run: RunDir, meta: dict, image_ids: list[int]) -> tuple[l
     cfg = Config(**meta["config"])
     heads_per_layer = meta["plan"]["heads_per_layer"]
     heads = [(layer, h) for layer, n in enumerate(heads_per_layer) for h in range(n)]
-    matrices = score_matrices(run, scan_units(image_ids, cfg, heads_per_layer), heads, image_ids, cfg.measure_fig)
-    return heads, matrices[cfg.score]
+    return heads, score_matrices(run, scan_units(image_ids, cfg, heads_per_layer), heads, image_ids, [cfg.score])[cfg.score]
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -469,7 +454,7 @@ def images_sections(page: Page, run: RunDir, meta: dict, masks: pa.Table, remove
 
 def pruning_section(page: Page, run: RunDir) -> None:
     names = run.list("eval")
-    pruned = [n for n in names if n.startswith(("prune-k", "demo-k"))]
+    pruned = [n for n in names if n.startswith("prune-k")]
     for name in pruned:
         page.add(f"<h3>{html.escape(name)}</h3>")
         page.add(html_table(run.read_table(f"eval/{name}").to_pylist()))

@@ -7,7 +7,6 @@ overwrites itself and resuming is "list what exists, skip it".
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath

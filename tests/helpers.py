@@ -45,3 +45,15 @@ def write_folder(root, classes=("a", "b", "c"), per_class=6, size=32, seed=0, br
 def model_args(kwargs: dict) -> list[str]:
     """CLI --model-kwargs values for a kwargs dict."""
     return [f"{k}={v}" for k, v in kwargs.items()]
+
+
+def finished_run(out: str, data: str, checkpoint: tuple, config):
+    """A tiny timm run (the conftest's tiny_checkpoint) scanned and ranked in this process; its Pipeline."""
+    from cigma_ray.models import ModelSpec
+    from cigma_ray.pipeline import Job, Pipeline
+
+    path, name, kwargs = checkpoint
+    spec = ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs)
+    pipeline = Pipeline(Job(model=spec, data=data, out=str(out), config=config), progress=False)
+    pipeline.run_all()
+    return pipeline

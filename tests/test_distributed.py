@@ -281,7 +281,6 @@ def test_killed_replica_is_replaced_and_results_are_identical(tmp_path, slow_run
 
     out = str(tmp_path / "run")
     pipeline = Pipeline(slow_run.job(out), progress=False)
-    n_masks, n_scan = len(slow_run.mask_units), len(slow_run.scan_units)
 
     def kill_a_busy_replica(executor):
         masks, deltas = len(unit_files(out, "masks")), len(unit_files(out, "deltas"))

@@ -15,26 +15,20 @@ from cigma_ray.cli import main
 from cigma_ray.config import Config
 from cigma_ray.engine.reference import zeroed_head
 from cigma_ray.method import accuracy, bir_summary, bootstrap, counterfactuals, ece, js, nll, probs
-from cigma_ray.models import ModelSpec
 from cigma_ray.models.timm_generic import find_attentions
-from cigma_ray.pipeline import Job, Pipeline
+
 from cigma_ray.prune import (bir_statistics, evaluate, prediction_statistics, random_heads, scan_eval_set,
                              top_heads)
 from cigma_ray.storage import RunDir
 
-from helpers import write_folder
+from helpers import finished_run, write_folder
 
 FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, image_folder, tiny_checkpoint):
-    path, name, kwargs = tiny_checkpoint
-    out = str(tmp_path_factory.mktemp("prune") / "run")
-    spec = ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs)
-    pipeline = Pipeline(Job(model=spec, data=image_folder, out=out, config=FAST), progress=False)
-    pipeline.run_all()
-    return pipeline
+    return finished_run(tmp_path_factory.mktemp("prune") / "run", image_folder, tiny_checkpoint, FAST)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,11 @@ from PIL import Image
 from cigma_ray.cli import main
 from cigma_ray.config import Config
 from cigma_ray.models import ModelSpec
-from cigma_ray.pipeline import Job, Pipeline
 from cigma_ray.method import head_scores
-from cigma_ray.report_html import resampled_means, spearman, split_half, top_k_probability
+from cigma_ray.method.scores import resampled_means
+from cigma_ray.report_html import spearman, split_half, top_k_probability
+
+from helpers import finished_run
 
 SMALL = Config(tp_ratio=0.3, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
 
@@ -27,10 +29,8 @@ SMALL = Config(tp_ratio=0.3, mask_steps=4, mask_batch=4, unit_images=3, bootstra
 @pytest.fixture(scope="module")
 def reported_run(tmp_path_factory, image_folder, tiny_checkpoint):
     """A finished tiny run with a prune table and a sweep plot in eval/, then its report."""
-    path, name, kwargs = tiny_checkpoint
     out = str(tmp_path_factory.mktemp("report") / "run")
-    spec = ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs)
-    Pipeline(Job(model=spec, data=image_folder, out=out, config=SMALL), progress=False).run_all()
+    finished_run(out, image_folder, tiny_checkpoint, SMALL)
     os.makedirs(os.path.join(out, "eval"))
     pq.write_table(pa.table({"removed": ["none", "top 3"], "accuracy": [0.875, 0.5]}),
                    os.path.join(out, "eval", "prune-k3.parquet"))

@@ -17,10 +17,10 @@ from cigma_ray.engine.reference import scan_by_weight_zeroing
 from cigma_ray.method import counterfactuals, js, probs, score_terms
 from cigma_ray.models import ModelSpec, load
 from cigma_ray.models.timm_generic import find_attentions
-from cigma_ray.pipeline import Job, Pipeline
+
 from cigma_ray.prune import choose_pruning, default_k_grid
 
-from helpers import VIT_KINDS, model_args, perturb
+from helpers import VIT_KINDS, finished_run, model_args, perturb
 
 FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=2, batch_size=8)
 
@@ -117,11 +117,8 @@ def cigma(*args, check=True):
 
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, image_folder, tiny_checkpoint):
-    path, model, kwargs = tiny_checkpoint
-    out = tmp_path_factory.mktemp("scores") / "run"
-    Pipeline(Job(model=ModelSpec(f"timm:{model}", checkpoint=path, model_kwargs=kwargs), data=image_folder,
-                 out=str(out), config=FAST.replace(tp_ratio=0.4, score="bir_drop")), progress=False).run_all()
-    return str(out)
+    return finished_run(tmp_path_factory.mktemp("scores") / "run", image_folder, tiny_checkpoint,
+                        FAST.replace(tp_ratio=0.4, score="bir_drop")).job.out
 
 
 def test_show_names_the_score_and_the_others(scored_run):

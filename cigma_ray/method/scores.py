@@ -36,26 +36,31 @@ def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None
     return terms
 
 
-def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:
-    """Summaries of a (heads, images) matrix of BIG_i - BIG_i^(-h).
+def resampled_means(deltas: np.ndarray, resamples: int, seed: int):
+    """Blocks of (resamples, heads) means of a (heads, images) matrix over seeded bootstrap resamples of
+    the images, the same resamples for every head.
 
-    The bootstrap resamples images, with the same resamples for every head, so intervals of
-    different heads are comparable; the seed makes them reproducible. A resample's mean is a
-    count-weighted mean, so blocks of resamples are one matrix product (1000 heads x 50k images
-    x 1000 resamples in seconds, not minutes).
+    A resample's mean is a count-weighted mean, so a block of resamples is one matrix product
+    (1000 heads x 50k images x 1000 resamples in seconds, not minutes).
     """
+    n = deltas.shape[1]
+    rng = np.random.default_rng(seed)
+    block = max(1, 2**22 // n)  # resamples per matrix product: ~32 MB of counts
+    for start in range(0, resamples, block):
+        counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
+                           for _ in range(min(block, resamples - start))]).astype(np.float64)
+        yield counts @ deltas.T / n
+
+
+def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:
+    """Summaries of a (heads, images) matrix of per-image score terms: mean, standard error, and a
+    bootstrap interval from `resampled_means` (reproducible by its seed, comparable across heads)."""
     deltas = np.asarray(deltas, dtype=np.float64)
     n_heads, n = deltas.shape
     score = deltas.mean(axis=1)
     stderr = deltas.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(n_heads, np.nan)
     if bootstrap > 0 and n > 0:
-        rng = np.random.default_rng(seed)
-        means = np.empty((bootstrap, n_heads))
-        block = max(1, 2**22 // n)  # resamples per matrix product: ~32 MB of counts
-        for start in range(0, bootstrap, block):
-            counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
-                               for _ in range(min(block, bootstrap - start))]).astype(np.float64)
-            means[start:start + len(counts)] = counts @ deltas.T / n  # a resample's mean, as weights
+        means = np.concatenate(list(resampled_means(deltas, bootstrap, seed)))
         alpha = (1 - ci_level) / 2
         ci_low, ci_high = np.quantile(means, [alpha, 1 - alpha], axis=0)
     else:

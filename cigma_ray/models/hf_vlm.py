@@ -22,9 +22,10 @@ processor arguments that make one tile per image. Then a tiny-config test as in 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,10 @@ class VLMAdapter(HFAdapter):
         self.layers = vision_layers(vision, [proj for proj, _ in layers["vision"]])
         self.supports_prefix = (heads == "vision" and model.arch.pixels is plain_pixels and self.layers is not None
                                 and reads_last_layers_only(model.vlm.config, len(self.layers)))
+        if self.supports_prefix:  # a vision layer's required arguments after its input, e.g. CLIP's attention_mask
+            params = list(inspect.signature(self.layers[0].forward).parameters.values())[1:]
+            self.layer_nones = [None] * sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                            for p in params)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
@@ -173,11 +178,8 @@ class VLMAdapter(HFAdapter):
         return captured[0]
 
     def block(self, layer: int, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        module = self.layers[layer]
-        params = list(inspect.signature(module.forward).parameters.values())[1:]
-        required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         with self.gates.use({layer: keep} if keep is not None else {}):
-            return module(tokens, *[None] * len(required))  # e.g. CLIP's attention_mask
+            return self.layers[layer](tokens, *self.layer_nones)
 
     def finish(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The class scores from the input of the last vision layer: the layers below it stand in for it."""
@@ -203,18 +205,16 @@ def reads_last_layers_only(config, n_layers: int) -> bool:
     return all((i if i >= 0 else n_layers + 1 + i) >= n_layers - 1 for i in read)
 
 
-class stand_ins:
+@contextlib.contextmanager
+def stand_ins(layers, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, each of `layers` returns fn(its input) instead of computing (hooks still see it)."""
-
-    def __init__(self, layers, fn: Callable[[torch.Tensor], torch.Tensor]):
-        self.layers, self.fn = list(layers), fn
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.forward = lambda hidden_states, *args, **kwargs: self.fn(hidden_states)
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
+    layers = list(layers)
+    for layer in layers:
+        layer.forward = lambda hidden_states, *args, **kwargs: fn(hidden_states)
+    try:
+        yield
+    finally:
+        for layer in layers:
             del layer.forward
 
 
