@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scan.py [cigma-ray bench options, e.g. --device cuda --model vit_base_patch16_224]
 
-Forward rate, paper-style loop, engine scan and mask stage, measured together (cigma_ray/bench.py);
+Forward rate, paper-style loop, engine scan and mask stage, measured together (cigma_ray/bench/suite.py);
 the JSON and PNG go to benchmarks/results/ wherever it is run from.
 """
 from __future__ import annotations

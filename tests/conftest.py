@@ -1,10 +1,12 @@
-"""Shared fixtures: generated image folders and a small checkpoint."""
+"""Shared fixtures, in one place: generated image folders, a small checkpoint, and a finished run of it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers import VIT_KINDS, perturb, write_folder
+from cigma_ray.config import Config
+
+from helpers import VIT_KINDS, finished_run, perturb, write_folder
 
 torch.set_num_threads(2)
 
@@ -25,3 +27,11 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     torch.save(model.state_dict(), path)
     return str(path), name, kwargs
+
+
+@pytest.fixture(scope="session")
+def scored_run(tmp_path_factory, image_folder, tiny_checkpoint):
+    """The tiny checkpoint scanned on image_folder, ranked by bir_drop with every score beside it: its run directory."""
+    cfg = Config(tp_ratio=0.4, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=2, batch_size=8,
+                 score="bir_drop")
+    return finished_run(tmp_path_factory.mktemp("scores") / "run", image_folder, tiny_checkpoint, cfg).job.out

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
+
+from cigma_ray.config import Config
 
 # Small ViT family members: name -> kwargs for timm.create_model (all 32 px inputs).
 VIT_KINDS = {
@@ -47,6 +51,27 @@ def model_args(kwargs: dict) -> list[str]:
     return [f"{k}={v}" for k, v in kwargs.items()]
 
 
+# A fast config for runs of the tiny checkpoint: few mask steps, small units, 200 bootstrap resamples.
+FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
+
+
+def job(tmp_path, folder: str, checkpoint: tuple, name: str = "run", cfg=None, **kw):
+    """The Job of a scan of the tiny checkpoint (conftest's tiny_checkpoint) on `folder`, into tmp_path/name."""
+    from cigma_ray.models import ModelSpec
+    from cigma_ray.pipeline import Job
+
+    path, model, kwargs = checkpoint
+    spec = ModelSpec(f"timm:{model}", checkpoint=path, model_kwargs=kwargs)
+    return Job(model=spec, data=folder, out=str(tmp_path / name), config=cfg or FAST, **kw)
+
+
+def rankings(run_dir: str):
+    """rankings.parquet of a local run directory."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(run_dir, "rankings.parquet"))
+
+
 def finished_run(out: str, data: str, checkpoint: tuple, config):
     """A tiny timm run (the conftest's tiny_checkpoint) scanned and ranked in this process; its Pipeline."""
     from cigma_ray.models import ModelSpec
@@ -57,3 +82,12 @@ def finished_run(out: str, data: str, checkpoint: tuple, config):
     pipeline = Pipeline(Job(model=spec, data=data, out=str(out), config=config), progress=False)
     pipeline.run_all()
     return pipeline
+
+
+def cli(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`cigma-ray ARGS` as a user runs it: a real subprocess, offline; with `check`, exit 0 is asserted."""
+    proc = subprocess.run([sys.executable, "-m", "cigma_ray.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc

@@ -82,7 +82,12 @@ def save_llava(path: str, seed: int = 0) -> str:
 
 
 def save_llava_next(path: str, seed: int = 0) -> str:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tok = tokenizer(("<image>",))
     grid = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
@@ -99,9 +104,16 @@ def save_llava_next(path: str, seed: int = 0) -> str:
 
 
 def save_internvl(path: str, seed: int = 0) -> str:
-    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLProcessor, InternVLVisionConfig)
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+    )
+    from transformers.models.internvl.video_processing_internvl import (
+        InternVLVideoProcessor,
+    )
 
     tok = tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
                     video_token="<video>")

@@ -1,14 +1,11 @@
 """`cigma-ray demo`, the built-in default, end to end as a new user runs it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
-
-from cigma_ray.data.demo import CLASSES, SPLITS, ensure_demo_data, make_image
 
 
 @pytest.mark.timeout(900)
@@ -40,17 +37,3 @@ def test_demo_runs_the_whole_method_and_reports(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
     assert "mask" not in again.stderr  # everything was already done: resumed, nothing recomputed
-
-
-def test_demo_data_is_deterministic_and_in_imagefolder_layout(tmp_path):
-    a = ensure_demo_data(tmp_path / "a", splits=("aligned",))
-    b = ensure_demo_data(tmp_path / "b", splits=("aligned",))
-    files = sorted(p.relative_to(a["aligned"]) for p in a["aligned"].rglob("*.png"))
-    assert len(files) == SPLITS["aligned"].size
-    assert sorted(os.listdir(a["aligned"])) == sorted(CLASSES)
-    for rel in files[:20]:
-        assert (a["aligned"] / rel).read_bytes() == (b["aligned"] / rel).read_bytes()
-    import numpy as np
-
-    img = make_image(np.random.default_rng(0), 0, 1)
-    assert img.shape == (64, 64, 3) and img.dtype == np.uint8

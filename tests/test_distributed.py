@@ -25,8 +25,10 @@ os.environ["RAY_AUTH_MODE"] = "disabled"  # every Ray process of this module, in
 
 from cigma_ray.config import Config  # noqa: E402
 from cigma_ray.data import open_source  # noqa: E402
+from cigma_ray.distributed import RayExecutor, ray_executor  # noqa: E402
 from cigma_ray.models import ModelSpec, load  # noqa: E402
-from cigma_ray.pipeline import Job, Pipeline, RunDir  # noqa: E402
+from cigma_ray.pipeline import Job, LocalExecutor, Pipeline  # noqa: E402
+from cigma_ray.rundir import RunDir  # noqa: E402
 
 from helpers import model_args, perturb, write_folder  # noqa: E402
 from ray_cluster import ProcessTracker, RayNodes, free_port, ray_env, wait_for  # noqa: E402
@@ -218,7 +220,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 class ExecutorWatch(threading.Thread):
-    """Watches `pipeline.executor` while `run_on_ray` runs in the main thread; `act(executor)` may fault it."""
+    """Watches `pipeline.executor` while the pipeline runs on Ray in the main thread; `act(executor)` may fault it."""
 
     def __init__(self, pipeline: Pipeline, act=None):
         super().__init__(name="executor-watch", daemon=True)
@@ -234,7 +236,7 @@ class ExecutorWatch(threading.Thread):
         try:
             while not self.stop.wait(0.02):
                 executor = self.pipeline.executor
-                if executor is None:
+                if not isinstance(executor, RayExecutor):
                     continue
                 self.executor = executor
                 self.slots = max(self.slots, len(executor.slots))
@@ -255,16 +257,16 @@ class ExecutorWatch(threading.Thread):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_local_ray_replicas_match_single_process(tmp_path, fast_run, procs, replicas):
-    from cigma_ray.distributed import run_on_ray
-
     pipeline = Pipeline(fast_run.job(str(tmp_path / "run")), progress=False)
     watch = ExecutorWatch(pipeline)
     watch.start()
     try:
-        run_on_ray(pipeline, "local", replicas, num_cpus=2)
+        with ray_executor(pipeline.job, "local", replicas, num_cpus=2) as executor:
+            pipeline.run_all(executor)
     finally:
         watch.finish()
-    assert not ray.is_initialized() and pipeline.executor is None  # run_on_ray cleans up what it started
+    # the executor cleans up what it started, and the pipeline is back on its own executor
+    assert not ray.is_initialized() and isinstance(pipeline.executor, LocalExecutor)
     assert any("raylet" in c for c in procs.seen.values())  # the tracker sees the cluster (and checks it is gone)
     assert watch.slots == replicas  # that many actors; units ran in them, not here
     assert 1 <= len(watch.pids) <= replicas and os.getpid() not in watch.pids
@@ -277,8 +279,6 @@ def test_local_ray_replicas_match_single_process(tmp_path, fast_run, procs, repl
 # -- 2. a worker process dies mid-unit ----------------------------------------------------------------
 @pytest.mark.timeout(400)
 def test_killed_replica_is_replaced_and_results_are_identical(tmp_path, slow_run, procs):
-    from cigma_ray.distributed import run_on_ray
-
     out = str(tmp_path / "run")
     pipeline = Pipeline(slow_run.job(out), progress=False)
 
@@ -301,7 +301,8 @@ def test_killed_replica_is_replaced_and_results_are_identical(tmp_path, slow_run
     watch = ExecutorWatch(pipeline, kill_a_busy_replica)
     watch.start()
     try:
-        run_on_ray(pipeline, "local", 2, num_cpus=2)
+        with ray_executor(pipeline.job, "local", 2, num_cpus=2) as executor:
+            pipeline.run_all(executor)
     finally:
         watch.finish()
     assert watch.acted is not None, "the run ended before a replica could be killed mid-stage; make units slower"

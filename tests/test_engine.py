@@ -6,11 +6,19 @@ import torch
 
 from cigma_ray.config import Config
 from cigma_ray.engine import Replica, scan_heads
+from cigma_ray.engine.reference import scan_by_weight_zeroing
 from cigma_ray.engine.replica import halving_on_oom
-from cigma_ray.engine.reference import scan_by_weight_zeroing, zeroed_head
-from cigma_ray.method import counterfactuals, foreground_cells, gains, js, probs
+from cigma_ray.method import (
+    counterfactuals,
+    foreground_cells,
+    gains,
+    js,
+    probs,
+)
 from cigma_ray.models import ModelSpec, load
-from cigma_ray.models.timm_generic import TimmGenericAdapter, find_attentions
+from cigma_ray.models.attention import find_attentions
+from cigma_ray.models.surgery import zeroed_head
+from cigma_ray.models.timm_generic import TimmGenericAdapter
 
 from helpers import VIT_KINDS, perturb
 
@@ -29,6 +37,14 @@ def setup(kind: str, n: int = 5, seed: int = 0):
 def reference(lm, images, no_bg, heads, tau=1.0):
     a = lm.adapter
     return scan_by_weight_zeroing(a.model, find_attentions(a.model), images, no_bg, heads, tau=tau).big
+
+
+def oom_above(module: torch.nn.Module, limit: int):
+    """A forward pre-hook that fails like a full GPU when a batch is larger than `limit`."""
+    def check(_, args):
+        if args[0].shape[0] > limit:
+            raise torch.OutOfMemoryError(f"batch {args[0].shape[0]} > {limit}")
+    return module.register_forward_pre_hook(check)
 
 
 @pytest.mark.parametrize("kind", list(VIT_KINDS))
@@ -88,9 +104,9 @@ def test_replica_gains_and_pruning_match_definitions():
     fg = foreground_cells(torch.rand(4, 32, 32, generator=gen), 0.35)
     no_bg, no_fg = counterfactuals(images, fg)
     m = lm.adapter.model
-    fig, big, bir = replica.gains(images, fg, tau=1.0)
-    e_fig, e_big, e_bir = gains(probs(m(images)), probs(m(no_fg)), probs(m(no_bg)))
-    for a, b in ((fig, e_fig), (big, e_big), (bir, e_bir)):
+    fig, big = replica.gains(images, fg, tau=1.0)
+    e_fig, e_big = gains(probs(m(images)), probs(m(no_fg)), probs(m(no_bg)))
+    for a, b in ((fig, e_fig), (big, e_big)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # two heads ablated together == both zeroed at once
     removed = [(0, 1), (2, 0)]
@@ -127,14 +143,6 @@ def test_replica_masks_follow_the_definition_and_ignore_batch_size():
     no_bg, no_fg = counterfactuals(images, one.fg)
     torch.testing.assert_close(one.big, js(probs(m(images)), probs(m(no_bg))), rtol=0, atol=1e-6)
     torch.testing.assert_close(one.fig, js(probs(m(images)), probs(m(no_fg))), rtol=0, atol=1e-6)
-
-
-def oom_above(module: torch.nn.Module, limit: int):
-    """A forward pre-hook that fails like a full GPU when a batch is larger than `limit`."""
-    def check(_, args):
-        if args[0].shape[0] > limit:
-            raise torch.OutOfMemoryError(f"batch {args[0].shape[0]} > {limit}")
-    return module.register_forward_pre_hook(check)
 
 
 def test_out_of_memory_halves_the_batch_size_and_keeps_results():
@@ -192,3 +200,25 @@ def test_masks_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(2)
     assert torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit_distilled"])
+def test_scan_measures_fig_exactly_like_weight_zeroing(kind):
+    name, kwargs = VIT_KINDS[kind]
+    lm = load(ModelSpec(f"timm:{name}", model_kwargs=kwargs, random_weights=True, num_classes=4))
+    perturb(lm.adapter.model)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    fg = torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.6
+    no_bg, no_fg = counterfactuals(images, fg)
+    heads = lm.adapter.heads
+    model = lm.adapter.model
+    expected = scan_by_weight_zeroing(model, find_attentions(model), images, no_bg, heads, images_no_fg=no_fg)
+    for batch_size in (3, 7, 64):
+        got = scan_heads(lm.adapter, images, no_bg, heads, batch_size=batch_size, images_no_fg=no_fg)
+        torch.testing.assert_close(got.big, expected.big, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.fig, expected.fig, rtol=0, atol=1e-5)
+    assert scan_heads(lm.adapter, images, no_bg, heads).fig is None
+    # FIG^(-h) is JS(q^(-h)(I), q^(-h)(I_-fg)): with the head kept it is the intact FIG
+    with torch.no_grad():
+        intact = js(probs(model(images)), probs(model(no_fg)))
+    assert not torch.allclose(expected.fig, intact.expand_as(expected.fig), atol=1e-4)

@@ -3,62 +3,39 @@ the smaller model equals the zeroed one with fewer parameters; bad requests exit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from cigma_ray.cli import main
 from cigma_ray.config import Config
 from cigma_ray.engine import Replica
-from cigma_ray.export import (attentions_of, load_smaller, parameters, plain_timm_model, save_smaller, smaller_model,
-                              zeroed_state_dict)
 from cigma_ray.models import ModelError, ModelSpec, load
+from cigma_ray.models.surgery import (
+    attentions_of,
+    load_smaller,
+    parameters,
+    plain_timm_model,
+    smaller_model,
+    zeroed_state_dict,
+)
 from cigma_ray.pipeline import Job, Pipeline
-from cigma_ray.prune import top_heads
-from cigma_ray.storage import RunDir
+from cigma_ray.rundir import RunDir, top_heads
 
-from helpers import VIT_KINDS, perturb
+from helpers import cli, perturb
 
 FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=4, bootstrap=50, top_k=3, batch_size=8)
 
 
-def loaded(kind: str):
-    name, kwargs = VIT_KINDS[kind]
-    lm = load(ModelSpec(f"timm:{name}", random_weights=True, num_classes=4, model_kwargs=kwargs))
-    perturb(lm.adapter.model)
-    return lm, name, kwargs
 
 
 def ablated_logits(lm, x: torch.Tensor, heads: list[tuple[int, int]]) -> torch.Tensor:
     """The scan's own ablation: per-layer keep-masks on the heads' outputs."""
     replica = Replica(lm)
     return replica.logits(x, replica.keep_without(heads))
-
-
-@pytest.mark.parametrize("kind", list(VIT_KINDS))
-def test_zeroed_and_smaller_models_equal_the_keep_mask_ablation(kind, tmp_path):
-    lm, name, kwargs = loaded(kind)
-    a = lm.adapter
-    last = a.num_layers - 1
-    heads = [(0, h) for h in range(a.heads_per_layer[0])] + [(last, 1)]  # layer 0 loses every head
-    x = torch.randn(3, 3, *a.input_size)
-    expected = ablated_logits(lm, x, heads)
-
-    zeroed = plain_timm_model(name, 4, kwargs, zeroed_state_dict(attentions_of(lm), a.model, heads))
-    small = smaller_model(zeroed, heads)
-    save_smaller(small, str(tmp_path / "small.pt"), name, 4, kwargs, [])
-    reloaded = load_smaller(str(tmp_path / "small.pt"))
-    with torch.inference_mode():
-        got_zeroed, got_small, got_reloaded, intact = zeroed(x), small(x), reloaded(x), a.model(x)
-
-    assert (intact - expected).abs().max() > 1e-2  # the heads matter, so the checks mean something
-    torch.testing.assert_close(got_zeroed, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_small, got_zeroed, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_reloaded, got_small, rtol=0, atol=0)
-    assert [getattr(b.attn, "num_heads", 0) for b in reloaded.blocks] == \
-        [0] + a.heads_per_layer[1:last] + [a.heads_per_layer[last] - 1]
-    assert parameters(small) < parameters(zeroed)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +49,16 @@ def run_dir(tmp_path_factory, image_folder, tiny_checkpoint):
               out=str(root / "run"), config=FAST)
     Pipeline(job, progress=False).run_all()
     return job
+
+
+def unranked_run(run_dir, tmp_path) -> str:
+    """A run directory that has its run.json but was never ranked."""
+    path = tmp_path / "unranked"
+    path.mkdir()
+    shutil.copy(RunDir(run_dir.out).path("run.json"), path / "run.json")
+    return str(path)
+
+
 
 
 def test_export_of_a_real_run_loads_in_plain_timm(run_dir, tmp_path, capsys):
@@ -112,14 +99,6 @@ def test_named_heads_with_a_whole_layer_as_safetensors(run_dir, tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(scope["model"](x), ablated_logits(lm, x, heads), rtol=0, atol=1e-5)
         torch.testing.assert_close(load_smaller(small_path)(x), scope["model"](x), rtol=0, atol=1e-5)
-
-
-def unranked_run(run_dir, tmp_path) -> str:
-    """A run directory that has its run.json but was never ranked."""
-    path = tmp_path / "unranked"
-    path.mkdir()
-    shutil.copy(RunDir(run_dir.out).path("run.json"), path / "run.json")
-    return str(path)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -166,3 +145,14 @@ def test_smaller_is_refused_for_other_models_but_zeroing_works():
                               depths=(1, 1), num_heads=(2, 3)), zeroed_state_dict(attentions_of(lm), lm.adapter.model, heads))
     with torch.inference_mode():
         torch.testing.assert_close(zeroed(x), ablated_logits(lm, x, heads), rtol=0, atol=1e-5)
+
+
+def test_export_by_another_score(scored_run, tmp_path):
+    out = str(tmp_path / "pruned.pth")
+    proc = cli("export", scored_run, "--k", "2", "--score", "big_minus_fig", "--out", out)
+    ranking = pq.read_table(os.path.join(scored_run, "rankings.parquet")).sort_by("big_minus_fig_rank").slice(0, 2)
+    named = " ".join(f"{r['layer']}.{r['head']}" for r in ranking.to_pylist())
+    assert f"(top 2 of rankings.parquet by big_minus_fig): {named}" in proc.stdout
+    info = json.loads(open(out + ".json").read())
+    assert [(r["layer"], r["head"]) for r in info["removed_heads"]] == [
+        (r["layer"], r["head"]) for r in ranking.to_pylist()]

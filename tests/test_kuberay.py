@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cigma_ray import cluster
+from cigma_ray import kuberay as cluster
 from cigma_ray.cli import main
 
 from helpers import write_folder

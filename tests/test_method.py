@@ -1,8 +1,4 @@
-"""Tests of the pure CIGMA math (`cigma_ray.method`) against DESIGN.md section 1.
-
-Every expectation is computed independently (plain numpy / hand math), never by calling the
-function under test a second time.
-"""
+"""Pure math (method/): JS, masks, counterfactuals, gains and BIR, scores, metrics, the bootstrap and stability, each against its definition by hand."""
 from __future__ import annotations
 
 import math
@@ -14,7 +10,10 @@ import torch
 from cigma_ray.method import (
     accuracy,
     baseline,
+    bir,
+    bir_statistics,
     bir_summary,
+    bootstrap,
     counterfactuals,
     ece,
     foreground_cells,
@@ -24,15 +23,19 @@ from cigma_ray.method import (
     kl,
     nll,
     optimise_masks,
+    prediction_statistics,
     probs,
     ranks,
+    resampled_means,
+    score_terms,
+    spearman,
+    split_half,
+    top_k_probability,
 )
 from cigma_ray.method.masks import mask_loss, total_variation
 
 LN2 = math.log(2.0)
 
-
-# --------------------------------------------------------------------------- helpers (independent)
 
 def np_js(p, q, eps=1e-12):
     """Reference JS in float64 numpy, natural log, clamped at eps inside the logs."""
@@ -56,7 +59,35 @@ def rand_dist(gen, *shape, peaked=1.0, dtype=torch.float64):
     return torch.softmax(peaked * torch.randn(*shape, generator=gen, dtype=torch.float64), -1).to(dtype)
 
 
-# --------------------------------------------------------------------------- JS divergence
+def _expected_topk_lowest_index(mask_np, k):
+    """Independent reference: rank cells by (-value, flat index) and keep the first k."""
+    n = mask_np.shape[0]
+    flat = mask_np.reshape(n, -1)
+    out = np.zeros_like(flat, dtype=bool)
+    for i in range(n):
+        order = sorted(range(flat.shape[1]), key=lambda j: (-flat[i, j], j))
+        out[i, order[:k]] = True
+    return out.reshape(mask_np.shape)
+
+
+def _tiny_conv_model(seed=0, classes=5):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, classes),
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _images(seed, n=4, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
 
 def test_js_symmetric():
     g = torch.Generator().manual_seed(0)
@@ -173,8 +204,6 @@ def test_js_float64_stays_float64():
     assert js(p, q).dtype == torch.float64
 
 
-# --------------------------------------------------------------------------- probs
-
 @pytest.mark.parametrize("tau", [1.0, 0.5, 2.0, 3.7])
 def test_probs_is_softmax_of_logits_over_tau(tau):
     g = torch.Generator().manual_seed(6)
@@ -191,19 +220,6 @@ def test_probs_default_tau_is_one_and_bf16_goes_fp32():
     out = probs(lb, 0.5)
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), np_softmax(np.array([[0.5, -1.25, 2.0]]) / 0.5), rtol=1e-6)
-
-
-# --------------------------------------------------------------------------- foreground cells
-
-def _expected_topk_lowest_index(mask_np, k):
-    """Independent reference: rank cells by (-value, flat index) and keep the first k."""
-    n = mask_np.shape[0]
-    flat = mask_np.reshape(n, -1)
-    out = np.zeros_like(flat, dtype=bool)
-    for i in range(n):
-        order = sorted(range(flat.shape[1]), key=lambda j: (-flat[i, j], j))
-        out[i, order[:k]] = True
-    return out.reshape(mask_np.shape)
 
 
 def test_foreground_default_count_is_358_of_1024():
@@ -269,8 +285,6 @@ def test_foreground_counts_other_shapes(h, w, ratio, k):
     np.testing.assert_array_equal(fg.numpy(), _expected_topk_lowest_index(mask.numpy(), k))
 
 
-# --------------------------------------------------------------------------- baseline & counterfactuals
-
 def test_baseline_per_image_per_channel_mean():
     g = torch.Generator().manual_seed(11)
     images = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
@@ -323,8 +337,6 @@ def test_counterfactuals_all_or_nothing():
     np.testing.assert_allclose(no_fg.numpy(), np.broadcast_to(b, images.shape), atol=1e-12)
 
 
-# --------------------------------------------------------------------------- TV and mask loss
-
 def test_total_variation_by_hand():
     m = torch.tensor([[[0.0, 1.0, 0.5],
                        [0.2, 0.2, 0.9]],
@@ -358,27 +370,6 @@ def test_mask_loss_by_hand():
     out = mask_loss(q, q_keep, mask, l_js, l_1, l_tv)
     assert out.shape == (2,)
     np.testing.assert_allclose(out.numpy(), [e0, e1], rtol=1e-12, atol=1e-15)
-
-
-# --------------------------------------------------------------------------- optimise_masks
-
-def _tiny_conv_model(seed=0, classes=5):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(4),
-        torch.nn.Flatten(),
-        torch.nn.Linear(64, classes),
-    ).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _images(seed, n=4, size=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g)
 
 
 def test_optimise_masks_batched_equals_one_at_a_time():
@@ -477,33 +468,33 @@ def test_optimise_masks_left_half_model_keeps_left_half():
         assert m0[i, :, :4].min() > 0.6
 
 
-# --------------------------------------------------------------------------- gains
-
 def test_gains_fig_big_bir():
     g = torch.Generator().manual_seed(21)
     q = rand_dist(g, 6, 7, peaked=2.0)
     q_no_fg = rand_dist(g, 6, 7, peaked=2.0)
     q_no_bg = rand_dist(g, 6, 7, peaked=2.0)
-    fig, big, bir = gains(q, q_no_fg, q_no_bg)
+    fig, big = gains(q, q_no_fg, q_no_bg)
     ref_fig = np_js(q.numpy(), q_no_fg.numpy())
     ref_big = np_js(q.numpy(), q_no_bg.numpy())
     np.testing.assert_allclose(fig.numpy(), ref_fig, rtol=1e-12)
     np.testing.assert_allclose(big.numpy(), ref_big, rtol=1e-12)
-    np.testing.assert_allclose(bir.numpy(), ref_big / (ref_fig + ref_big), rtol=1e-12)
+    np.testing.assert_allclose(bir(fig.numpy(), big.numpy()), ref_big / (ref_fig + ref_big), rtol=1e-12)
 
 
 def test_gains_bir_nan_when_both_zero_and_edge_values():
     q = torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]], dtype=torch.float64)
     q_no_fg = torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.1, 0.9]], dtype=torch.float64)
     q_no_bg = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.9, 0.1]], dtype=torch.float64)
-    fig, big, bir = gains(q, q_no_fg, q_no_bg)
+    fig, big = gains(q, q_no_fg, q_no_bg)
     assert fig[0].item() == 0.0 and big[0].item() == 0.0
-    assert math.isnan(bir[0].item())
-    assert bir[1].item() == 1.0   # background only
-    assert bir[2].item() == 0.0   # foreground only
-    # float32 too
-    _, _, bir32 = gains(q.float(), q_no_fg.float(), q_no_bg.float())
-    assert math.isnan(bir32[0].item()) and bir32[1].item() == 1.0 and bir32[2].item() == 0.0
+    ratio = bir(fig.numpy(), big.numpy())
+    assert math.isnan(ratio[0])
+    assert ratio[1] == 1.0   # background only
+    assert ratio[2] == 0.0   # foreground only
+    # float32 too, in float32
+    ratio32 = bir(*(g.numpy() for g in gains(q.float(), q_no_fg.float(), q_no_bg.float())))
+    assert ratio32.dtype == np.float32
+    assert math.isnan(ratio32[0]) and ratio32[1] == 1.0 and ratio32[2] == 0.0
 
 
 def test_bir_summary_by_hand():
@@ -525,8 +516,6 @@ def test_bir_summary_mean_of_ratios_differs_from_ratio_of_means_and_empty():
     empty = bir_summary([0.0, 0.0], [0.0, 0.0])
     assert math.isnan(empty["bir_mean"]) and math.isnan(empty["bir_ratio"]) and empty["n"] == 0
 
-
-# --------------------------------------------------------------------------- head scores & ranks
 
 def test_head_scores_mean_and_stderr_by_hand():
     deltas = np.array([[1.0, 2.0, 3.0, 6.0],
@@ -607,8 +596,6 @@ def test_ranks_descending_one_based_ties_in_input_order():
     assert ranks(np.array([2.0])).tolist() == [1]
 
 
-# --------------------------------------------------------------------------- metrics
-
 def test_accuracy():
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
     labels = np.array([0, 2, 2, 1])
@@ -679,3 +666,78 @@ def test_ece_confidence_one_goes_to_last_bin():
     p = np.array([[1.0, 0.0], [0.94, 0.06]])
     labels = np.array([1, 0])
     assert ece(p, labels) == pytest.approx(0.47, abs=1e-12)
+
+
+def test_score_terms_match_their_definitions_by_hand():
+    big, fig = np.array([0.2, 0.1, 0.0]), np.array([0.2, 0.3, 0.0])
+    big_abl, fig_abl = np.array([[0.1, 0.1, 0.0], [0.0, 0.05, 0.1]]), np.array([[0.1, 0.1, 0.0], [0.0, 0.15, 0.1]])
+    t = score_terms(big, big_abl, fig, fig_abl)
+    np.testing.assert_allclose(t["big_drop"], [[0.1, 0.0, 0.0], [0.2, 0.05, -0.1]])
+    # BIR 0.5, 0.25, undefined; ablated: 0.5, 0.5, undefined / undefined, 0.25, 0.5 -> undefined pairs count as 0
+    np.testing.assert_allclose(t["bir_drop"], [[0.0, 0.25 - 0.5, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(t["big_minus_fig"], [[0.0, -0.2, 0.0], [0.0, -0.1, 0.0]])
+    assert set(score_terms(big, big_abl)) == {"big_drop"}
+
+
+def test_metric_statistics_on_hand_made_cases():
+    # perfectly calibrated: confidence 0.75 with 3 of 4 right, 0.9 with 9 of 10, 1.0 with 2 of 2
+    p = np.array([[0.75, 0.25]] * 4 + [[0.1, 0.9]] * 10 + [[1.0, 0.0]] * 2)
+    labels = np.array([0, 0, 0, 1] + [1] * 9 + [0] + [0, 0])
+    stats = prediction_statistics(p, labels)
+    ones = np.ones((1, len(p)))
+    assert stats["ece"](ones)[0] == pytest.approx(0.0, abs=1e-12)
+    assert stats["accuracy"](ones)[0] == pytest.approx(14 / 16)
+    expected_nll = -(3 * math.log(0.75) + math.log(0.25) + 9 * math.log(0.9) + math.log(0.1) + 2 * math.log(1.0)) / 16
+    assert stats["nll"](ones)[0] == pytest.approx(expected_nll, rel=1e-12)
+    # a probability of 0 for the label is clamped at 1e-12, as `nll` does
+    assert prediction_statistics(np.array([[1.0, 0.0]]), np.array([1]))["nll"](np.ones((1, 1)))[0] == pytest.approx(
+        -math.log(1e-12))
+
+    # a row of counts is the metric on the images repeated that often
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.ones(4) * 0.5, size=30)
+    y = rng.integers(0, 4, size=30)
+    counts = rng.integers(0, 4, size=(3, 30)).astype(float)
+    stats = prediction_statistics(q, y)
+    for row in counts:
+        idx = np.repeat(np.arange(30), row.astype(int))
+        for name, plain in (("accuracy", accuracy), ("nll", nll), ("ece", ece)):
+            assert stats[name](row[None])[0] == pytest.approx(plain(q[idx], y[idx]), abs=1e-12)
+
+    fig, big = rng.uniform(0, 0.5, 20), rng.uniform(0, 0.5, 20)
+    fig[3] = big[3] = 0.0  # depends on neither: left out, as bir_summary does
+    expected = bir_summary(fig, big)
+    got = {name: f(np.ones((1, 20)))[0] for name, f in bir_statistics(fig, big).items()}
+    assert got["bir_mean"] == pytest.approx(expected["bir_mean"]) and got["bir_ratio"] == pytest.approx(expected["bir_ratio"])
+    assert all(math.isnan(f(np.ones((1, 2)))[0]) for f in bir_statistics(np.zeros(2), np.zeros(2)).values())
+
+
+def test_bootstrap_intervals_contain_the_point_and_are_seeded():
+    rng = np.random.default_rng(1)
+    q = rng.dirichlet(np.ones(3), size=50)
+    y = rng.integers(0, 3, size=50)
+    stats = {**prediction_statistics(q, y), **bir_statistics(rng.uniform(0, 1, 50), rng.uniform(0, 1, 50))}
+    a = bootstrap(stats, 50, 500, 0.95, seed=3)
+    assert a == bootstrap(stats, 50, 500, 0.95, seed=3) and a != bootstrap(stats, 50, 500, 0.95, seed=4)
+    for name in ("accuracy", "nll", "bir_mean", "bir_ratio"):  # means and ratios of means: the point lies inside
+        point, low, high = a[name]
+        assert low <= point <= high, name
+    assert a["ece"][1] <= a["ece"][2]  # ECE is biased upwards under resampling: its point may lie below
+    assert a["accuracy"][0] == accuracy(q, y)
+    point, low, high = bootstrap(stats, 50, 0, 0.95, seed=3)["nll"]
+    assert point == pytest.approx(nll(q, y)) and math.isnan(low) and math.isnan(high)
+
+
+def test_stability_statistics():
+    rng = np.random.default_rng(0)
+    deltas = rng.normal(size=(6, 40))
+    deltas[4] += 5.0  # one head far ahead of the rest
+    prob = top_k_probability(deltas, k=2, resamples=100, seed=0)
+    assert prob[4] == 1.0 and prob.sum() == pytest.approx(2.0)
+    means = np.concatenate(list(resampled_means(deltas, 100, seed=0)))  # the very resamples of the intervals
+    np.testing.assert_allclose(np.quantile(means, 0.025, axis=0), head_scores(deltas, bootstrap=100, seed=0)["ci_low"])
+    a, b = split_half(deltas, seed=0)
+    assert a.shape == b.shape == (6,) and not np.allclose(a, b)
+    x = np.array([3.0, 1.0, 2.0, 5.0])
+    assert spearman(x, x**3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(np.sqrt(3) / 2)

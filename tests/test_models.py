@@ -1,14 +1,31 @@
-"""Adapters: embed -> blocks -> readout equals the model, and the keep-mask equals weight zeroing."""
+"""Adapters and surgery (models/): embed -> blocks -> readout equals the model, the keep-mask equals weight zeroing, zeroed and smaller models equal the keep-mask ablation, attention rollout."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from cigma_ray.engine.reference import zeroed_head
+from cigma_ray.engine import Replica
 from cigma_ray.models import ModelError, ModelSpec, load
-from cigma_ray.models.timm_generic import find_attentions
+from cigma_ray.models.attention import find_attentions
+from cigma_ray.models.surgery import (
+    attentions_of,
+    load_smaller,
+    parameters,
+    plain_timm_model,
+    save_smaller,
+    smaller_model,
+    zeroed_head,
+    zeroed_state_dict,
+)
 
 from helpers import VIT_KINDS, perturb
+
+
+def ablated_logits(lm, x: torch.Tensor, heads: list[tuple[int, int]]) -> torch.Tensor:
+    """The scan's own ablation: per-layer keep-masks on the heads' outputs."""
+    replica = Replica(lm)
+    return replica.logits(x, replica.keep_without(heads))
 
 
 def loaded(kind: str, num_classes: int = 5):
@@ -135,3 +152,59 @@ def test_missing_pretrained_weights_say_how_to_provide_them(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set it too
     with pytest.raises(ModelError, match="--checkpoint FILE"):
         load(ModelSpec("timm:vit_tiny_patch16_224", model_kwargs={"depth": 1}))
+
+
+@pytest.mark.parametrize("kind", list(VIT_KINDS))
+def test_zeroed_and_smaller_models_equal_the_keep_mask_ablation(kind, tmp_path):
+    lm, name, kwargs = loaded(kind)
+    a = lm.adapter
+    last = a.num_layers - 1
+    heads = [(0, h) for h in range(a.heads_per_layer[0])] + [(last, 1)]  # layer 0 loses every head
+    x = torch.randn(3, 3, *a.input_size)
+    expected = ablated_logits(lm, x, heads)
+
+    zeroed = plain_timm_model(name, 4, kwargs, zeroed_state_dict(attentions_of(lm), a.model, heads))
+    small = smaller_model(zeroed, heads)
+    save_smaller(small, str(tmp_path / "small.pt"), name, 4, kwargs, [])
+    reloaded = load_smaller(str(tmp_path / "small.pt"))
+    with torch.inference_mode():
+        got_zeroed, got_small, got_reloaded, intact = zeroed(x), small(x), reloaded(x), a.model(x)
+
+    assert (intact - expected).abs().max() > 1e-2  # the heads matter, so the checks mean something
+    torch.testing.assert_close(got_zeroed, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_small, got_zeroed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_reloaded, got_small, rtol=0, atol=0)
+    assert [getattr(b.attn, "num_heads", 0) for b in reloaded.blocks] == \
+        [0] + a.heads_per_layer[1:last] + [a.heads_per_layer[last] - 1]
+    assert parameters(small) < parameters(zeroed)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2_reg", "deit_distilled", "vit_avg"])
+def test_rollout_equals_the_one_from_timms_own_attention(kind):
+    """The hook recomputes attention from `attn.qkv`; timm's unfused path exposes the real one."""
+    import torch
+
+    from cigma_ray.models import load
+    from cigma_ray.models.attention import attention_rollout
+
+    from helpers import VIT_KINDS
+
+    name, kwargs = VIT_KINDS[kind]
+    loaded = load(ModelSpec(f"timm:{name}", model_kwargs=kwargs, random_weights=True))
+    model = loaded.adapter.model
+    seen = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda module, args, out: seen.append(out.mean(dim=1)))
+    x = torch.randn(2, 3, *loaded.adapter.input_size)
+    with torch.no_grad():
+        model(x)
+    n = seen[0].shape[-1]
+    rollout = torch.eye(n)
+    for a in seen:
+        rollout = (0.5 * a + 0.5 * torch.eye(n)) @ rollout
+    prefix = model.num_prefix_tokens
+    rows = {"vit": [0], "dinov2_reg": [0], "deit_distilled": [0, 1], "vit_avg": list(range(prefix, n))}[kind]
+    expected = rollout[:, rows].mean(dim=1)[:, prefix:]
+    got = attention_rollout(loaded, x, {}, [])
+    np.testing.assert_allclose(got.reshape(2, -1), expected.numpy(), atol=1e-6)

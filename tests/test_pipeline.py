@@ -2,38 +2,23 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from cigma_ray.config import Config, ConfigError
-from cigma_ray.data import DataError, open_source
-from cigma_ray.engine.reference import scan_by_weight_zeroing, zeroed_head
+from cigma_ray.config import ConfigError
+from cigma_ray.data import DataError
+from cigma_ray.engine.reference import scan_by_weight_zeroing
 from cigma_ray.method import counterfactuals, head_scores, js, probs
-from cigma_ray.models import ModelSpec
-from cigma_ray.models.timm_generic import find_attentions
-from cigma_ray.pipeline import Job, Pipeline, RunMismatch, Worker, run_status, select_images
-from cigma_ray.storage import RunDir
+from cigma_ray.models.attention import find_attentions
+from cigma_ray.models.surgery import zeroed_head
+from cigma_ray.pipeline import Pipeline, Worker, run_status, select_images
+from cigma_ray.rundir import RunDir
 
-from helpers import write_folder
-
-FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
-
-
-def job(tmp_path, folder, checkpoint, name="run", cfg=FAST, **kw) -> Job:
-    path, model, kwargs = checkpoint
-    spec = ModelSpec(f"timm:{model}", checkpoint=path, model_kwargs=kwargs)
-    return Job(model=spec, data=folder, out=str(tmp_path / name), config=cfg, **kw)
-
-
-def rankings(run_dir) -> pa.Table:
-    return pq.read_table(os.path.join(run_dir, "rankings.parquet"))
+from helpers import FAST, cli, job, model_args, rankings, write_folder
 
 
 def test_rankings_equal_the_weight_zeroing_definition(tmp_path, image_folder, tiny_checkpoint):
@@ -134,75 +119,10 @@ def test_interrupted_run_resumes_without_redoing_units(tmp_path, image_folder, t
     assert done == []
 
 
-def test_incompatible_rerun_is_refused(tmp_path, image_folder, tiny_checkpoint):
-    first = Pipeline(job(tmp_path, image_folder, tiny_checkpoint), progress=False)
-    assert not first.run.exists("run.json")  # validating (as --dry-run does) writes nothing
-    first.run_all()
-    with pytest.raises(RunMismatch, match="tp_ratio"):
-        Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(tp_ratio=0.5)), progress=False)
-    with pytest.raises(RunMismatch, match="precision"):
-        Pipeline(job(tmp_path, image_folder, tiny_checkpoint, precision="bf16"), progress=False)
-    with pytest.raises(RunMismatch, match="unit_images"):
-        Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(unit_images=5)), progress=False)
-    other = write_folder(tmp_path / "other", per_class=3, seed=5)
-    with pytest.raises(RunMismatch, match="image listing"):
-        Pipeline(job(tmp_path, other, tiny_checkpoint), progress=False)
-    # what never changes results may change
-    Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(batch_size=2, top_k=5)), progress=False)
-
-
-def test_parquet_source_with_string_and_integer_labels(tmp_path, tiny_checkpoint):
-    rng = np.random.default_rng(0)
-    blobs, names = [], []
-    for i in range(30):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-        blobs.append(buf.getvalue())
-        names.append(["cat", "dog", "eel"][i % 3])
-    blobs[4] = b"broken"
-    pq.write_table(pa.table({"image": blobs, "label": names}), tmp_path / "words.parquet")
-    src = open_source(str(tmp_path / "words.parquet"))
-    assert src.classes == ["cat", "dog", "eel"] and [r.label for r in src.records][:4] == [0, 1, 2, 0]
-    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in blobs], "label": [i % 3 for i in range(30)]}),
-                   tmp_path / "ints.parquet")
-    p = Pipeline(job(tmp_path, str(tmp_path / "ints.parquet"), tiny_checkpoint), progress=False)
-    p.run_all()
-    failures = RunDir(p.job.out).read_folder("failures")
-    assert failures["path"].to_pylist() == [f"{tmp_path / 'ints.parquet'}#4"]
-    assert rankings(p.job.out).num_rows == len(p.adapter.heads)
-
-
-def test_bad_data_is_named(tmp_path, tiny_checkpoint):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(DataError, match="no images found"):
-        open_source(str(empty))
-    with pytest.raises(DataError, match="does not exist"):
-        open_source(str(tmp_path / "missing"))
-    (tmp_path / "table.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="must be a .parquet"):
-        open_source(str(tmp_path / "table.csv"))
-    pq.write_table(pa.table({"pixels": [b"x"], "y": [1]}), tmp_path / "cols.parquet")
-    with pytest.raises(DataError, match="image column"):
-        open_source(str(tmp_path / "cols.parquet"))
-    four = write_folder(tmp_path / "four", classes=("a", "b", "c", "d"), per_class=1)
-    with pytest.raises(DataError, match="has 4 classes but .* outputs 3"):
-        Pipeline(job(tmp_path, four, tiny_checkpoint), progress=False)
-    numbered = write_folder(tmp_path / "numbered", classes=("0", "2", "7"), per_class=1)
-    with pytest.raises(DataError, match="class index 7"):
-        Pipeline(job(tmp_path, numbered, tiny_checkpoint), progress=False)
-    assert not (tmp_path / "run").exists()  # nothing written before the checks
-
-
 def test_top_k_larger_than_the_model_is_refused_early(tmp_path, image_folder, tiny_checkpoint):
     with pytest.raises(ConfigError, match="top_k=10: the model has 9 heads"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(top_k=10)), progress=False)
     assert not (tmp_path / "run").exists()
-
-
-def test_numbered_class_folders_map_to_model_indices(tmp_path):
-    src = open_source(write_folder(tmp_path / "n", classes=("10", "2"), per_class=2))
-    assert src.classes == ["2", "10"] and sorted({r.label for r in src.records}) == [2, 10]
 
 
 def test_no_correct_image_is_a_clear_error(tmp_path, tiny_checkpoint):
@@ -214,40 +134,6 @@ def test_no_correct_image_is_a_clear_error(tmp_path, tiny_checkpoint):
         pytest.skip("the random model happened to classify an image correctly")
     with pytest.raises(DataError, match="classified correctly"):
         p.selected()
-
-
-@pytest.mark.parametrize("values, message", [
-    ({"tp_ratio": 0.0}, "tp_ratio"),
-    ({"keep_ratio": 1.5}, "keep_ratio"),
-    ({"mask_steps": "many"}, "mask_steps"),
-    ({"top_k": True}, "top_k"),
-    ({"maks_steps": 3}, "unknown key"),
-])
-def test_bad_config_is_named(tmp_path, values, message):
-    import yaml
-
-    from cigma_ray import config
-
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(values))
-    with pytest.raises(ConfigError, match=message):
-        config.load(path)
-
-
-def test_config_file_errors(tmp_path):
-    from cigma_ray import config
-
-    with pytest.raises(ConfigError, match="does not exist"):
-        config.load(tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        config.load(tmp_path / "bad.yaml")
-    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        config.load(tmp_path / "list.yaml")
-    (tmp_path / "ok.yaml").write_text("mask_lr: 1\nseed: 3\n")
-    cfg = config.load(tmp_path / "ok.yaml")
-    assert cfg.mask_lr == 1.0 and isinstance(cfg.mask_lr, float) and cfg.seed == 3
 
 
 def test_rank_refuses_deltas_that_miss_or_repeat_cells(tmp_path, image_folder, tiny_checkpoint):
@@ -305,3 +191,19 @@ def test_iterative_rounds_rescan_the_rest_on_the_pruned_model(tmp_path, image_fo
     assert status["scan"] == status["scan round 1"] == status["scan round 2"] == (shards, shards)
     with pytest.raises(ConfigError, match="rounds=5 with k_per_round=3 would remove 12 of the 9 heads"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, name="too-many", cfg=FAST.replace(rounds=5, k_per_round=3)))
+
+
+def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny_checkpoint):
+    path, model, kwargs = tiny_checkpoint
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("measure_fig: false\ntp_ratio: 0.4\nmask_steps: 2\nmask_batch: 4\nbootstrap: 50\ntop_k: 0.2\n")
+    out = str(tmp_path / "run")
+    shown = cli("scan", "--model", f"timm:{model}", "--checkpoint", path, "--model-kwargs", *model_args(kwargs),
+                  "--data", image_folder, "--out", out, "--config", str(cfg), "--quiet").stdout
+    assert "top 2 heads by big_drop" in shown  # 0.2 of 9 heads = 1.8 -> 2
+    assert "only big_drop is available" in shown
+    deltas = pq.read_table(os.path.join(out, "deltas"))
+    assert "fig_ablated" not in deltas.column_names
+    assert "bir_drop" not in pq.read_table(os.path.join(out, "rankings.parquet")).column_names
+    bad = cli("sweep", out, "--k", "1", "--scores", "bir_drop", check=False)
+    assert bad.returncode == 2 and "did not measure FIG" in bad.stderr

@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
 from cigma_ray.cli import main  # noqa: E402
-from cigma_ray.plan import count_params, make_plan, read_config  # noqa: E402
+from cigma_ray.models.hf.sizes import count_params, read_config  # noqa: E402
+from cigma_ray.plan import make_plan  # noqa: E402
 
 from hf_tiny import SAVERS  # noqa: E402
 
@@ -44,7 +45,7 @@ def llava15_13b(path: str) -> str:
 def test_parameter_formulas_are_exact_on_models_built_from_the_config(tmp_path, kind):
     import transformers
 
-    from cigma_ray.models.hf_vlm import ARCHITECTURES
+    from cigma_ray.models.hf.vlm import ARCHITECTURES
 
     path = SAVERS[kind](str(tmp_path / kind))
     cls = transformers.CLIPModel if kind == "clip" else getattr(transformers, ARCHITECTURES[kind].model_class)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -35,7 +37,8 @@ class Record:
 class ImageSource:
     """A listed data set: records, class names, and a way to read one image's bytes."""
 
-    def __init__(self, url: str, records: list[Record], classes: list[str], read: Callable[[Record], bytes]):
+    def __init__(self, url: str, records: list[Record], classes: list[str], read: Callable[[Record], bytes],
+                 prefetch: Callable[[list[Record]], None] | None = None):
         if not records:
             raise DataError(f"--data {url}: no images found (ImageFolder layout root/<class>/<image> "
                             f"with {', '.join(IMAGE_SUFFIXES)}, or a Parquet table with an image and a label column)")
@@ -43,6 +46,7 @@ class ImageSource:
         self.records = records
         self.classes = classes
         self._read = read
+        self._prefetch = prefetch  # reads a batch's bytes together (Parquet: by row group)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -69,6 +73,8 @@ class ImageSource:
     def load(self, records: list[Record], transform: Callable) -> tuple[torch.Tensor | None, list[Record], list[tuple[Record, str]]]:
         """(stacked tensors, records that loaded, (record, error) for those that did not)."""
         tensors, ok, failed = [], [], []
+        if self._prefetch is not None:
+            self._prefetch(records)
         for r in records:
             try:
                 with Image.open(io.BytesIO(self._read(r))) as img:
@@ -123,6 +129,54 @@ def _read_column(fs, path: str, column: str) -> list:
         return pq.read_table(f, columns=[column]).column(0).to_pylist()
 
 
+class ParquetRows:
+    """Cells of one column of Parquet files by row, read through pyarrow's row groups: a batch of rows
+    costs the row groups that hold them (then `take`), never the whole column of a file."""
+
+    def __init__(self, fs, column: str):
+        self.fs, self.column = fs, column
+        self._file: tuple[str, pq.ParquetFile, np.ndarray, object] | None = None  # one open file at a time
+        self._cells: dict[tuple[str, int], object] = {}  # the last batch's cells
+
+    def _open(self, path: str) -> tuple[pq.ParquetFile, np.ndarray]:
+        if self._file is None or self._file[0] != path:
+            if self._file is not None:
+                self._file[3].close()
+            raw = self.fs.open(path, "rb")
+            handle = pq.ParquetFile(raw)
+            meta = handle.metadata
+            starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            self._file = (path, handle, starts, raw)
+        return self._file[1], self._file[2]
+
+    def fetch(self, rows: list[tuple[str, int]]) -> None:
+        """Read these (file, row) cells together, grouped by file and row group; they replace the last batch."""
+        cells: dict[tuple[str, int], object] = {}
+        by_file: dict[str, list[int]] = {}
+        for path, row in rows:
+            by_file.setdefault(path, []).append(row)
+        for path, wanted in by_file.items():
+            handle, starts = self._open(path)
+            wanted = sorted(set(wanted))
+            groups = np.searchsorted(starts, wanted, side="right") - 1
+            for g in np.unique(groups):
+                in_group = [r for r, gr in zip(wanted, groups) if gr == g]
+                column = handle.read_row_group(int(g), columns=[self.column]).column(0)
+                taken = column.take(pa.array([r - int(starts[g]) for r in in_group], pa.int64())).to_pylist()
+                cells.update({(path, r): v for r, v in zip(in_group, taken)})
+        self._cells = cells
+
+    def get(self, path: str, row: int) -> object:
+        if (path, row) not in self._cells:
+            self.fetch([(path, row)])
+        return self._cells[(path, row)]
+
+
+def _location(r: Record) -> tuple[str, int]:
+    table, row = r.path.rsplit("#", 1)
+    return table, int(row)
+
+
 def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
     with fs.open(tables[0], "rb") as f:
         schema = pq.read_schema(f)
@@ -145,14 +199,10 @@ def _parquet_source(url: str, fs, tables: list[str]) -> ImageSource:
         classes = sorted({str(v) for v in labels_raw})
         labels = [classes.index(str(v)) for v in labels_raw]
     records = [Record(i, f"{t}#{row}", lab) for i, ((t, row), lab) in enumerate(zip(locations, labels))]
-    cache: dict[str, list] = {}
+    rows = ParquetRows(fs, image_col)
 
     def read(r: Record) -> bytes:
-        table, row = r.path.rsplit("#", 1)
-        if table not in cache:
-            cache.clear()
-            cache[table] = _read_column(fs, table, image_col)
-        value = cache[table][int(row)]
+        value = rows.get(*_location(r))
         return value["bytes"] if isinstance(value, dict) else value
 
-    return ImageSource(url, records, classes, read)
+    return ImageSource(url, records, classes, read, prefetch=lambda records: rows.fetch([_location(r) for r in records]))

@@ -1,5 +1,5 @@
-"""Ray only lives here: the driver that spreads units over replica actors."""
-from .driver import plan_replicas, run_on_ray
-from .executor import ClusterError, Failure, RayExecutor, check_address, connect
+"""Ray only lives here: replica actors, the bounded-window executor, the driver's connection."""
+from .driver import plan_replicas, ray_executor
+from .executor import ClusterError, RayExecutor, address_parts, check_address, connect
 
-__all__ = ["ClusterError", "Failure", "RayExecutor", "check_address", "connect", "plan_replicas", "run_on_ray"]
+__all__ = ["ClusterError", "RayExecutor", "address_parts", "check_address", "connect", "plan_replicas", "ray_executor"]

@@ -1,11 +1,13 @@
-"""Run a validated pipeline's stages on a Ray cluster, from the same command as a local run."""
+"""Run a validated pipeline's units on a Ray cluster, from the same command as a local run."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import ray
 
-from ..pipeline import Pipeline
+from ..pipeline.units import Job
 from .executor import ClusterError, RayExecutor, check_resources, connect
 
 
@@ -23,24 +25,24 @@ def plan_replicas(replicas: int | None, cpus: float, gpus: float | None) -> tupl
     return replicas, gpus
 
 
-def run_on_ray(pipeline: Pipeline, address: str, replicas: int | None = None, cpus_per_replica: float = 1.0,
-               gpus_per_replica: float | None = None, num_cpus: int | None = None) -> None:
-    """Connect, start the replica actors, run every stage on them, and always clean up."""
+@contextlib.contextmanager
+def ray_executor(job: Job, address: str, replicas: int | None = None, cpus_per_replica: float = 1.0,
+                 gpus_per_replica: float | None = None, num_cpus: int | None = None) -> Iterator[RayExecutor]:
+    """Connect, start the replica actors for `job`, and always clean up (Ray too, if started here).
+
+    Replicas that hold GPUs run on CUDA even when the job says cpu (the driver validated on its CPU)."""
     started_here = not ray.is_initialized()
     connect(address, num_cpus)
     executor = None
     try:
         replicas, gpus = plan_replicas(replicas, cpus_per_replica, gpus_per_replica)
-        job = pipeline.job
         if gpus and job.device == "cpu":
             job = dataclasses.replace(job, device="cuda")
-        executor = RayExecutor(job, replicas, cpus_per_replica, gpus, pipeline.cfg.max_attempts)
+        executor = RayExecutor(job, replicas, cpus_per_replica, gpus, job.config.max_attempts)
         executor.start()
-        pipeline.executor = executor
-        pipeline.run_all()
+        yield executor
     finally:
         if executor is not None:
             executor.shutdown()
-        pipeline.executor = None
         if started_here:
             ray.shutdown()

@@ -21,20 +21,15 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..config import ConfigError
-from ..pipeline import Job, Unit, Worker
+from ..pipeline.executor import Failure
+from ..pipeline.units import Job, Unit
+from ..pipeline.worker import Worker
 
 FAIL_UNITS_ENV = "CIGMA_FAIL_UNITS"  # fault injection for resilience tests: unit files whose actor dies
 
 
 class ClusterError(ConfigError):
     """A cluster that cannot run the job; the message names the setting and the fix."""
-
-
-@dataclass
-class Failure:
-    unit: Unit
-    attempts: int
-    error: str
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -116,8 +111,10 @@ class RayExecutor:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, units: list[Unit], on_done: Callable[[Unit, dict], None],
-            on_retry: Callable[[Unit, str], None] | None = None) -> list[Failure]:
-        """Run every unit; returns the units given up on. `on_done` gets each unit's receipt."""
+            on_retry: Callable[[Unit, str], None] | None = None,
+            on_progress: Callable[[Unit, int], None] | None = None) -> list[Failure]:
+        """Run every unit; returns the units given up on. `on_done` gets each unit's receipt (progress
+        within a unit is not reported from the replicas: `on_progress` is never called)."""
         if not self.slots:
             self.start()
         pending = deque(units)

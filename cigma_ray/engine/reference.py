@@ -6,38 +6,13 @@ model once per head, restore the weights. Slow by design; tests and benchmarks c
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..method import js, probs
+from ..models.surgery import zeroed_head
 from .scan import Ablated
-
-
-@contextlib.contextmanager
-def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
-    """Temporarily zero one head of a timm attention with a fused qkv Linear and a proj Linear."""
-    dim = attn.head_dim if hasattr(attn, "head_dim") else attn.proj.in_features // attn.num_heads
-    width = attn.num_heads * dim
-    cols = slice(head * dim, (head + 1) * dim)
-    saved = [(attn.proj.weight, attn.proj.weight.detach().clone())]
-    rows = [slice(part * width + head * dim, part * width + (head + 1) * dim) for part in range(3)]
-    saved.append((attn.qkv.weight, attn.qkv.weight.detach().clone()))
-    if attn.qkv.bias is not None:
-        saved.append((attn.qkv.bias, attn.qkv.bias.detach().clone()))
-    with torch.no_grad():
-        attn.proj.weight[:, cols] = 0
-        for r in rows:
-            attn.qkv.weight[r] = 0
-            if attn.qkv.bias is not None:
-                attn.qkv.bias[r] = 0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for param, value in saved:
-                param.copy_(value)
 
 
 @torch.inference_mode()

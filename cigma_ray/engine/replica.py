@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 import torch
 
 from ..config import Config
-from ..method import counterfactuals, foreground_cells, gains, optimise_masks, probs
+from ..method import bir, counterfactuals, foreground_cells, gains, optimise_masks, probs
 from ..models import LoadedModel
 from .scan import Ablated, batched, scan_heads
 
@@ -98,12 +98,12 @@ class Replica:
                                          f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "
                                          "it changes the masks") from e
         fg = foreground_cells(mask, cfg.keep_ratio)
-        fig, big, bir = self.gains(images, fg, cfg.tau)
-        return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=bir)
+        fig, big = self.gains(images, fg, cfg.tau)
+        return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=torch.from_numpy(bir(fig.numpy(), big.numpy())))
 
     def gains(self, images: torch.Tensor, fg: torch.Tensor, tau: float,
-              keep: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(FIG, BIG, BIR) per image under the given keep-masks (intact model when None)."""
+              keep: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FIG, BIG) per image under the given keep-masks (intact model when None)."""
         no_bg, no_fg = counterfactuals(images, fg)
         q, q_no_fg, q_no_bg = (probs(self.logits(x, keep), tau) for x in (images, no_fg, no_bg))
         return gains(q, q_no_fg, q_no_bg)

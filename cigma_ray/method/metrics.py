@@ -1,5 +1,5 @@
-"""Evaluation metrics on class probabilities (accuracy, negative log-likelihood, expected calibration
-error) and a bootstrap over images for any metric written as a function of per-image weights."""
+"""Evaluation metrics on class probabilities: accuracy, negative log-likelihood, expected calibration
+error, and the same three as functions of per-image weights (for `bootstrap.bootstrap`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -44,31 +44,11 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return float(weighted_ece(p.max(axis=1), correct, np.ones((1, len(p))), bins)[0])
 
 
-def bootstrap(statistics: dict[str, Callable[[np.ndarray], np.ndarray]], n: int, resamples: int, ci_level: float,
-              seed: int) -> dict[str, tuple[float, float, float]]:
-    """(point, low, high) of each statistic of n images, with a percentile interval over resamples of the images.
-
-    A statistic maps image weights (m, n) to m values: the point estimate is its value with unit weights,
-    a resample is a row of counts. Every statistic sees the same seeded resamples, so metrics computed on
-    the same images (an intact and a pruned model, say) are paired. NaN resamples are left out; the
-    interval is NaN without resamples.
-    """
-    points = {name: float(f(np.ones((1, n)))[0]) for name, f in statistics.items()}
-    if resamples == 0 or n == 0:
-        return {name: (p, float("nan"), float("nan")) for name, p in points.items()}
-    rng = np.random.default_rng(seed)
-    values: dict[str, list[np.ndarray]] = {name: [] for name in statistics}
-    block = max(1, 2**22 // n)  # resamples per matrix product: ~32 MB of counts
-    for start in range(0, resamples, block):
-        counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
-                           for _ in range(min(block, resamples - start))]).astype(np.float64)
-        for name, f in statistics.items():
-            values[name].append(f(counts))
-    alpha = (1 - ci_level) / 2
-    out = {}
-    for name, chunks in values.items():
-        v = np.concatenate(chunks)
-        v = v[np.isfinite(v)]
-        low, high = np.quantile(v, [alpha, 1 - alpha]) if len(v) else (float("nan"), float("nan"))
-        out[name] = (points[name], float(low), float(high))
-    return out
+def prediction_statistics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Accuracy, NLL and ECE as functions of per-image weights (m, n) -> (m,), for `bootstrap.bootstrap`."""
+    p = np.asarray(probs, dtype=np.float64)
+    correct = (p.argmax(axis=1) == labels).astype(np.float64)
+    loss = -np.log(np.clip(p[np.arange(len(labels)), labels], EPS, None))
+    conf = p.max(axis=1)
+    return {"accuracy": lambda w: w @ correct / w.sum(axis=1), "nll": lambda w: w @ loss / w.sum(axis=1),
+            "ece": lambda w: weighted_ece(conf, correct, w)}

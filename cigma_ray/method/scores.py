@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .bootstrap import resampled_means
+from .gains import bir
+
 # What each score is the mean over images of, for (head h, image i). A head that every prediction
 # depends on shrinks FIG and BIG together when ablated; big_drop rewards it, the other two do not.
 SCORES = {
@@ -10,12 +13,6 @@ SCORES = {
     "bir_drop": "BIR_i - BIR_i^(-h): the drop in the background influence ratio BIG / (FIG + BIG)",
     "big_minus_fig": "(BIG_i - BIG_i^(-h)) - (FIG_i - FIG_i^(-h)): the drop in BIG beyond the drop in FIG",
 }
-
-
-def bir(fig: np.ndarray, big: np.ndarray) -> np.ndarray:
-    """BIG / (FIG + BIG), NaN where FIG + BIG is 0."""
-    total = fig + big
-    return np.divide(big, total, out=np.full(np.broadcast(fig, big).shape, np.nan), where=total > 0)
 
 
 def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None = None,
@@ -34,22 +31,6 @@ def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None
         terms["bir_drop"] = np.where(np.isnan(drop), 0.0, drop)
         terms["big_minus_fig"] = (big - big_ablated) - (fig - fig_ablated)
     return terms
-
-
-def resampled_means(deltas: np.ndarray, resamples: int, seed: int):
-    """Blocks of (resamples, heads) means of a (heads, images) matrix over seeded bootstrap resamples of
-    the images, the same resamples for every head.
-
-    A resample's mean is a count-weighted mean, so a block of resamples is one matrix product
-    (1000 heads x 50k images x 1000 resamples in seconds, not minutes).
-    """
-    n = deltas.shape[1]
-    rng = np.random.default_rng(seed)
-    block = max(1, 2**22 // n)  # resamples per matrix product: ~32 MB of counts
-    for start in range(0, resamples, block):
-        counts = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n)
-                           for _ in range(min(block, resamples - start))]).astype(np.float64)
-        yield counts @ deltas.T / n
 
 
 def head_scores(deltas: np.ndarray, *, bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:

@@ -7,20 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import find_attentions
 from .base import HeadAdapter, HeadGates, ModelError
-
-
-def find_attentions(model: nn.Module) -> list[nn.Module]:
-    """Modules with `num_heads` and a `proj` Linear, outermost only, in registration order."""
-    found: list[nn.Module] = []
-    inside: set[int] = set()
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "proj", None), nn.Linear):
-            found.append(module)
-            inside.update(id(m) for m in module.modules())
-    return found
 
 
 class TimmGenericAdapter(HeadAdapter):

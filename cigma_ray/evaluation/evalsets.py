@@ -1,0 +1,148 @@
+"""Eval sets: images with labels, and foreground cells for BIR. The scan's own data (BIR on D with the
+run's masks), another data set of the same classes (masks learned on the intact model, cached in
+eval/), and held-out images for --auto-k (correctly classified, never seen by the scores)."""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..data import DataError, ImageSource, open_source
+from ..pipeline import select_images
+from ..rundir import Scanned, decode_fg
+
+
+@dataclass
+class EvalSet:
+    """Images with labels, plus a subset with foreground cells (learned on the intact model) for BIR."""
+
+    name: str
+    images: torch.Tensor
+    labels: np.ndarray
+    mask_images: torch.Tensor
+    fg: torch.Tensor
+    url: str = ""
+    in_sample: bool = False  # the scan's own data: BIR on D, the very images the heads were ranked on
+    skipped: list[str] = field(default_factory=list)  # unreadable images, "path: error"
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(np.unique(self.labels))
+
+
+def scan_eval_set(scanned: Scanned, name: str | None = None) -> EvalSet:
+    """Every readable image of the scan's data; BIR on D with the run's own masks (in-sample)."""
+    source = scanned.source
+    images, ok, failed = source.load(source.records, scanned.loaded.transform)
+    if not ok:
+        raise DataError(f"{source.url}: none of its images can be read now")
+    position = {r.image_id: i for i, r in enumerate(ok)}
+    masks = scanned.run.masks(["image_id", "fg"])
+    masks = masks.filter(pa.array([i in position for i in masks["image_id"].to_pylist()]))
+    fg = decode_fg(masks["fg"], scanned.cfg.mask_size)
+    return EvalSet(name or set_name(source.url), images, np.array([r.label for r in ok]),
+                   images[[position[i] for i in masks["image_id"].to_pylist()]], fg, source.url, True,
+                   [f"{r.path}: {e}" for r, e in failed])
+
+
+def open_eval_source(scanned: Scanned, url: str) -> ImageSource:
+    """An eval data set whose labels mean the same model outputs as the scan's: class folders named by
+    output index, or the very class names the scan had (mapped by sorted position, as there)."""
+    source = open_source(url)
+    outputs = scanned.loaded.num_classes
+    if all(c.isdigit() for c in source.classes):
+        too_big = [c for c in source.classes if int(c) >= outputs]
+        if too_big:
+            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {scanned.run.meta['model']['name']}, "
+                            f"which has {outputs} classes")
+        return source
+    classes = scanned.run.meta["data"]["classes"]
+    if source.classes != classes:
+        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {scanned.run.url} was "
+                        f"scanned with {', '.join(classes)}; named classes must be the same ones, so that each means "
+                        f"the same output (or name the class folders by output index: 0 to {outputs - 1})")
+    return source
+
+
+def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str | None = None,
+             records: list | None = None) -> EvalSet:
+    """All readable images of a data set (or of `records`, a subset of it), and masks learned on the
+    intact model for a seeded sample.
+
+    The masks are cached in eval/, keyed by the data's listing, the subset and the sample size, and
+    learned in groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
+    """
+    images, ok, failed = source.load(source.records if records is None else records, scanned.loaded.transform)
+    if not ok:
+        raise DataError(f"--eval-data {source.url}: none of its {len(source)} images can be read "
+                        f"({failed[0][1] if failed else 'no images chosen'})")
+    count = min(mask_images, len(ok))
+    sample = select_images(range(len(ok)), count / len(ok), scanned.cfg.seed)
+    name = name or set_name(source.url)
+    key = source.fingerprint()[:12]
+    if records is not None:
+        key += "-" + hashlib.sha256(",".join(str(r.image_id) for r in records).encode()).hexdigest()[:8]
+    cache = f"eval/masks-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key}-n{count}.parquet"
+    side = scanned.cfg.mask_size
+    if scanned.dir.exists(cache):
+        fg = decode_fg(scanned.dir.read_table(cache)["fg"], side)
+    else:
+        print(f"learning masks of {len(sample)} images of {name} on the intact model, for BIR (kept in {cache})",
+              file=sys.stderr)
+        batch = scanned.cfg.mask_batch
+        fg = torch.cat([scanned.replica.masks(images[sample[i: i + batch]], scanned.cfg).fg
+                        for i in range(0, len(sample), batch)])
+        scanned.dir.write_table(cache, pa.table({"image_id": [ok[i].image_id for i in sample],
+                                                 "fg": list(fg.reshape(len(sample), -1).numpy())}))
+    return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
+                   [f"{r.path}: {e}" for r, e in failed])
+
+
+def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
+    """Images the intact model classifies correctly and the scores never saw: of the scan's own data,
+    those outside D (the run's predictions say which are correct); of another data set (`url`), those
+    it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost."""
+    source = scanned.source if url is None else open_eval_source(scanned, url)
+    d_ids = set(scanned.dir.read_folder("masks", ["image_id"])["image_id"].to_pylist())
+    if source.fingerprint() == scanned.run.meta["data"]["fingerprint"]:
+        preds = scanned.dir.read_folder("predictions", ["image_id", "correct"])
+        correct = {i for i, ok in zip(preds["image_id"].to_pylist(), preds["correct"].to_pylist()) if ok}
+        records = [r for r in source.records if r.image_id in correct and r.image_id not in d_ids]
+    else:
+        images, ok, _ = source.load(source.records, scanned.loaded.transform)
+        if not ok:
+            raise DataError(f"--eval-data {source.url}: none of its {len(source)} images can be read")
+        pred = scanned.replica.logits(images).argmax(dim=1).numpy()
+        records = [r for r, p in zip(ok, pred) if p == r.label]
+    if len(records) < 2:
+        raise DataError(f"{source.url} has {len(records)} correctly classified image(s) outside D; --auto-k needs "
+                        "held-out images: pass --eval-data with a data set of the same classes")
+    return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records)
+
+
+def set_name(url: str) -> str:
+    base = posixpath.basename(url.rstrip("/"))
+    return base[: -len(".parquet")] if base.endswith(".parquet") else base or url
+
+
+def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int) -> list[EvalSet]:
+    """The --eval-data sets (the scan's own data, with D's masks, when given none or named among them).
+
+    Every source is opened and checked before any images are read or masks learned.
+    """
+    if not urls:
+        return [scan_eval_set(scanned)]
+    sources = [open_eval_source(scanned, url) for url in urls]
+    fingerprint = scanned.run.meta["data"]["fingerprint"]
+    names: list[str] = []
+    for s in sources:
+        base = set_name(s.url)
+        names.append(base if base not in names else f"{base}-{len(names) + 1}")
+    return [scan_eval_set(scanned, name) if s.fingerprint() == fingerprint else eval_set(scanned, s, mask_images, name)
+            for s, name in zip(sources, names)]

@@ -1,0 +1,73 @@
+"""Ranking: each scan unit's deltas streamed into (heads x images) matrices of score terms, then
+every score's mean, standard error, bootstrap interval and rank; iterative rounds merged into one ranking."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import Config
+from ..method import head_scores, ranks, score_terms
+from ..rundir import RunDir
+from .units import Unit
+
+
+def rank_heads(matrices: dict[str, np.ndarray], heads: list[tuple[int, int]], cfg: Config) -> pa.Table:
+    """One row per head, best first. Every score in `matrices` gets its columns (name, name_stderr,
+    name_ci_low, name_ci_high, name_rank); score, stderr, ci_low, ci_high, n and rank are those of the
+    config's `score`."""
+    columns = {"layer": pa.array([l for l, _ in heads], pa.int32()),
+               "head": pa.array([h for _, h in heads], pa.int32())}
+    for name, matrix in matrices.items():
+        stats = head_scores(matrix, bootstrap=cfg.bootstrap, ci_level=cfg.ci_level, seed=cfg.seed)
+        if name == cfg.score:
+            chosen = stats
+        columns[name] = pa.array(stats["score"], pa.float64())
+        columns.update({f"{name}_{k}": pa.array(stats[k], pa.float64()) for k in ("stderr", "ci_low", "ci_high")})
+        columns[f"{name}_rank"] = pa.array(ranks(stats["score"]), pa.int64())
+    table = pa.table({**columns, **{k: pa.array(chosen[k], pa.float64()) for k in ("score", "stderr", "ci_low", "ci_high")},
+                      "n": pa.array(chosen["n"], pa.int64())})
+    return table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
+
+
+def merge_rounds(rounds: list[pa.Table], k_per_round: int) -> pa.Table:
+    """One ranking: each round's removed heads in the order they were removed, then the last round's
+    ranking of the heads left; `round` says which round's scan each row's score comes from."""
+    parts = [t.slice(0, k_per_round) for t in rounds[:-1]] + [rounds[-1]]
+    merged = pa.concat_tables([t.append_column("round", pa.array(np.full(t.num_rows, r), pa.int32()))
+                               for r, t in enumerate(parts)])
+    return merged.set_column(merged.schema.get_field_index("rank"), "rank",
+                             pa.array(np.arange(1, merged.num_rows + 1), pa.int64()))
+
+
+def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int],
+                   names: list[str]) -> dict[str, np.ndarray]:
+    """(heads, images) matrices of the named scores' terms (`method.score_terms`), read from each scan
+    unit's file in turn; every cell must be filled exactly once."""
+    head_index = np.full((max(l for l, _ in heads) + 1, max(h for _, h in heads) + 1), -1, dtype=np.int64)
+    for i, (layer, head) in enumerate(heads):
+        head_index[layer, head] = i
+    ids = np.asarray(images, dtype=np.int64)
+    by_id = np.argsort(ids, kind="stable")
+    matrices = {name: np.full((len(heads), len(images)), np.nan) for name in names}
+    filled = np.zeros((len(heads), len(images)), dtype=np.int32)
+    needs_fig = any(name != "big_drop" for name in names)
+    columns = ["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if needs_fig else [])
+    for unit in units:
+        t = run.read_table(unit.file, columns)
+        layer, head, image = (t[k].to_numpy().astype(np.int64) for k in ("layer", "head", "image_id"))
+        pos = np.minimum(np.searchsorted(ids, image, sorter=by_id), len(ids) - 1)
+        c = by_id[pos]
+        known_head = (layer < head_index.shape[0]) & (head < head_index.shape[1])
+        r = np.where(known_head, head_index[np.where(known_head, layer, 0), np.where(known_head, head, 0)], -1)
+        if (r < 0).any() or (ids[c] != image).any():
+            raise RuntimeError(f"{unit.file} holds a head or image this run does not scan: remove the run's deltas/ "
+                               "folder and scan again")
+        terms = score_terms(*(t[k].to_numpy() for k in columns[3:]))
+        for name in names:
+            matrices[name][r, c] = terms[name]
+        np.add.at(filled, (r, c), 1)
+    if (filled != 1).any():
+        bad = int((filled != 1).sum())
+        raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
+                           f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
+    return matrices

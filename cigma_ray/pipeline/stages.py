@@ -1,0 +1,172 @@
+"""The stages predict -> select -> mask (with gains) -> scan -> rank, and resume.
+
+`Pipeline` validates everything a scan needs up front (data, model, config, the run directory's
+compatibility), then runs each stage's missing units on its executor: in this process by
+default, or on Ray replicas (distributed/). A stage that finds its outputs complete skips.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+from typing import Callable
+
+import pyarrow as pa
+
+from ..config import Config, ConfigError, resolve_k
+from ..data import DataError, open_source
+from ..method import SCORES
+from ..models import load, spec_with_classes
+from ..progress import progress_bar
+from ..rundir import RunDir, build_manifest, check_compatible
+from .executor import LocalExecutor, UnitsFailed
+from .ranking import merge_rounds, rank_heads, score_matrices
+from .units import (Job, Unit, mask_units, missing_units, predict_units, round_file, scan_rounds, scan_units,
+                    select_images)
+from .worker import Worker, failure_table
+
+
+class Pipeline:
+    """A run directory being filled: validates everything up front, then runs missing units."""
+
+    def __init__(self, job: Job, progress: bool = True, executor=None, load_device: str | None = None):
+        self.cfg = job.config
+        self.progress = progress
+        self.source = open_source(job.data)
+        job = self.job = replace(job, model=spec_with_classes(job.model, self.source.classes))  # hf: the data's class names
+        self.loaded = load(job.model, load_device or job.device, job.precision)
+        self.source.check_classes(self.loaded.num_classes, job.model.name)
+        self.run = RunDir(job.out)
+        self.adapter = self.loaded.adapter
+        if (self.cfg.rounds - 1) * self.cfg.k_per_round >= len(self.adapter.heads):
+            raise ConfigError(f"rounds={self.cfg.rounds} with k_per_round={self.cfg.k_per_round} would remove "
+                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {len(self.adapter.heads)} heads "
+                              "of the model before its last round; lower one of them")
+        resolve_k(self.cfg.top_k, len(self.adapter.heads))  # a top_k larger than the model is an error now, not later
+        self._worker: Worker | None = None
+        self.executor = executor or LocalExecutor(lambda: self.worker)
+        self.run.check()
+        self.manifest = build_manifest(self.cfg, self.loaded.fingerprint, self.adapter.heads_per_layer, job.data,
+                                       self.source.fingerprint(), len(self.source), self.source.classes, job.precision)
+        check_compatible(self.run, self.manifest, job.out)
+
+    @property
+    def worker(self) -> Worker:
+        """This process's replica (in-process runs, and evaluations on the scanned model)."""
+        if self._worker is None:
+            self._worker = Worker(self.job, self.loaded, self.source)
+        return self._worker
+
+    # -- units ------------------------------------------------------------------------------
+    def predict_units(self) -> list[Unit]:
+        return predict_units(len(self.source), self.cfg)
+
+    def selected(self) -> list[int]:
+        preds = self.run.read_folder("predictions", columns=["image_id", "correct"])
+        correct = preds.filter(preds["correct"])["image_id"].to_pylist()
+        if not correct:
+            raise DataError(f"none of the {preds.num_rows} readable images of {self.job.data} is classified correctly by "
+                            f"{self.job.model.name}; check --checkpoint, --num-classes and that class folders follow "
+                            "the model's class order")
+        return select_images(correct, self.cfg.tp_ratio, self.cfg.seed)
+
+    def mask_units(self, selected: list[int]) -> list[Unit]:
+        return mask_units(selected, self.cfg)
+
+    def scan_units(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> list[Unit]:
+        return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed)
+
+    # -- stages ---------------------------------------------------------------------------
+    def run_stage(self, name: str, units: list[Unit], work_of: Callable[[Unit], int], unit_name: str) -> None:
+        """Run the stage's missing units on the executor, with a progress bar of work done (images or
+        pairs), units done and retries."""
+        todo = missing_units(self.run, units)
+        if not todo:
+            return
+        total = sum(work_of(u) for u in units)
+        state = {"done": len(units) - len(todo), "retries": 0}
+        shown: dict[str, int] = defaultdict(int)  # work of a running unit already on the bar
+        with progress_bar(name, total, total - sum(work_of(u) for u in todo), unit_name, self.progress) as bar:
+            def status() -> None:
+                retries = f", {state['retries']} retries" if state["retries"] else ""
+                bar.set_postfix_str(f"units {state['done']}/{len(units)}{retries}")
+
+            def progress(unit: Unit, n: int) -> None:
+                shown[unit.file] += n
+                bar.update(n)
+
+            def done(unit: Unit, receipt: dict) -> None:
+                state["done"] += 1
+                bar.update(work_of(unit) - shown.pop(unit.file, 0))
+                self.run.remove(unit.failure_record)  # a unit given up on earlier has now succeeded
+                status()
+
+            def retry(unit: Unit, error: str) -> None:
+                state["retries"] += 1
+                shown.pop(unit.file, None)
+                status()
+
+            status()
+            failures = self.executor.run(todo, done, retry, progress)
+        if failures:
+            for f in failures:
+                self.run.write_table(f.unit.failure_record, failure_table(
+                    [dict(kind="unit", unit=f.unit.file, stage=f.unit.stage, attempts=f.attempts, error=f.error)]))
+            raise UnitsFailed(failures)
+
+    def run_all(self, executor=None) -> None:
+        """Every stage in order, on `executor` (a Ray executor, say) or this pipeline's own; each stage skips
+        what is already on disk."""
+        own, self.executor = self.executor, executor or self.executor
+        try:
+            if not self.run.exists("run.json"):
+                self.run.write_json("run.json", self.manifest)
+            self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
+            selected = self.selected()
+            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+            rounds = []
+            for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer):
+                self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
+                               lambda u: len(u.image_ids) * len(u.heads), "pair")
+                rounds.append(self.rank_round(selected, r, removed))
+            self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round))
+        finally:
+            self.executor = own
+
+    def rank_round(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> pa.Table:
+        """Score one round's heads from its deltas, one unit file at a time, best first (`rank_heads`).
+
+        The driver holds one (heads x images) matrix per score, as the bootstrap needs, never the rows
+        of the whole data set at once. Rounds of an iterative run are kept in rounds/.
+        """
+        units = self.scan_units(selected, round, removed)
+        missing = missing_units(self.run, units)
+        if missing:
+            raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
+        heads = [h for h in self.adapter.heads if h not in set(removed)]
+        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        table = rank_heads(score_matrices(self.run, units, heads, sorted(selected), names), heads, self.cfg)
+        if self.cfg.rounds > 1:
+            self.run.write_table(round_file(round), table)
+        return table
+
+
+def run_status(run: RunDir) -> dict:
+    """What a run has finished, what it still misses and what failed, from its files alone."""
+    meta = run.read_json("run.json")
+    cfg = Config(**meta["config"])
+    plan = meta["plan"]
+    stages = {}
+    predict = predict_units(plan["n_images"], cfg)
+    stages["predict"] = (len(predict) - len(missing_units(run, predict)), len(predict))
+    if stages["predict"][0] == stages["predict"][1]:
+        preds = run.read_folder("predictions", columns=["image_id", "correct"])
+        correct = preds.filter(preds["correct"])["image_id"].to_pylist()
+        selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
+        stages_units = [("mask", mask_units(selected, cfg))]
+        stages_units += [("scan" if r == 0 else f"scan round {r}", units)
+                         for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"])]
+        for name, units in stages_units:
+            stages[name] = (len(units) - len(missing_units(run, units)), len(units))
+    failures = run.read_folder("failures")
+    return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"),
+            "failures": failures.to_pylist() if failures is not None else []}

@@ -1,0 +1,139 @@
+"""What a scan is (Job) and the units its stages are cut into, deterministic from the config and the
+data listing, so every process (driver, replica, resume) agrees on them.
+
+A unit writes exactly one Parquet file whose name derives from the unit; a stage runs only the
+units whose file is missing, so an interrupted run finishes when the same command runs again.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from ..config import Config, from_dict
+from ..models import ModelSpec
+from ..rundir import RunDir, scanned_model_spec
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines a scan; every process rebuilds its model and data from this."""
+
+    model: ModelSpec
+    data: str
+    out: str
+    config: Config = field(default_factory=Config)
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    @classmethod
+    def of_run(cls, meta: dict, url: str, device: str = "cpu", checkpoint: str | None = None) -> "Job":
+        """The Job that made a run, read back from its run.json."""
+        return cls(model=scanned_model_spec(meta, checkpoint), data=meta["data"]["url"], out=url,
+                   config=from_dict(meta["config"], source=f"{url}/run.json"), device=device,
+                   precision=meta["precision"])
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a stage: an image shard, and for the scan a layer range [first, stop)."""
+
+    stage: str
+    shard: int
+    image_ids: tuple[int, ...]
+    layers: tuple[int, int] | None = None
+    inputs: tuple[str, ...] = ()  # run-directory files the unit reads (a scan unit's masks)
+    heads: tuple[tuple[int, int], ...] = ()  # a scan unit's heads
+    round: int = 0  # iterative mode: the scan round
+    removed: tuple[tuple[int, int], ...] = ()  # heads removed by earlier rounds, ablated throughout
+
+    @property
+    def file(self) -> str:
+        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas"}[self.stage]
+        if self.round:
+            folder += f"/round-{self.round:02d}"
+        name = f"part-{self.shard:05d}"
+        if self.layers is not None:
+            name += f"-l{self.layers[0]:03d}-{self.layers[1]:03d}"
+        return f"{folder}/{name}.parquet"
+
+    @property
+    def failure_file(self) -> str:
+        """Images of this unit that could not be read."""
+        return f"failures/{self.file.replace('/', '-')}"
+
+    @property
+    def failure_record(self) -> str:
+        """This unit, when it failed for good."""
+        return f"failures/unit-{self.file.replace('/', '-')}"
+
+
+def shards(ids: list[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i: i + size]) for i in range(0, len(ids), size)]
+
+
+def layer_ranges(num_layers: int, per_unit: int) -> list[tuple[int, int]]:
+    per_unit = per_unit or num_layers
+    return [(a, min(a + per_unit, num_layers)) for a in range(0, num_layers, per_unit)]
+
+
+def select_images(correct_ids: Iterable[int], tp_ratio: float, seed: int) -> list[int]:
+    """D: a seeded uniform sample of round(tp_ratio * n) correctly classified images (at least one)."""
+    ids = np.array(sorted(correct_ids), dtype=np.int64)
+    k = max(1, round(tp_ratio * len(ids))) if len(ids) else 0
+    chosen = np.random.default_rng(seed).choice(ids, size=k, replace=False) if k else ids
+    return sorted(int(i) for i in chosen)
+
+
+def predict_units(n_images: int, cfg: Config) -> list[Unit]:
+    return [Unit("predict", k, s) for k, s in enumerate(shards(list(range(n_images)), cfg.unit_images))]
+
+
+def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
+    """One unit per mask batch: masks optimised together must always be the same images."""
+    return [Unit("mask", k, s) for k, s in enumerate(shards(selected, cfg.mask_batch))]
+
+
+def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int], round: int = 0,
+               removed: list[tuple[int, int]] = ()) -> list[Unit]:
+    """Image shards x layer ranges; each unit names the mask files that hold its images."""
+    size, batch = cfg.unit_images, cfg.mask_batch
+    gone = set(removed)
+    units = []
+    for k, ids in enumerate(shards(selected, size)):
+        first, last = k * size // batch, (k * size + len(ids) - 1) // batch
+        inputs = tuple(Unit("mask", g, ()).file for g in range(first, last + 1))
+        for a, b in layer_ranges(len(heads_per_layer), cfg.unit_layers):
+            heads = tuple((l, h) for l in range(a, b) for h in range(heads_per_layer[l]) if (l, h) not in gone)
+            if heads:
+                units.append(Unit("scan", k, ids, (a, b), inputs, heads, round, tuple(removed)))
+    return units
+
+
+def round_file(round: int) -> str:
+    """An iterative run's ranking of one round (the heads removed after it are its first k_per_round)."""
+    return f"rounds/round-{round:02d}.parquet"
+
+
+def scan_rounds(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: list[int]):
+    """(round, heads removed before it, its units) of each scan round in turn. A round after the first
+    is known once the round before it is ranked (rounds/round-XX.parquet), so the generator stops at
+    the first round whose predecessor has no ranking yet: rank each round before asking for the next."""
+    removed: list[tuple[int, int]] = []
+    for r in range(cfg.rounds):
+        yield r, list(removed), scan_units(selected, cfg, heads_per_layer, r, removed)
+        if r + 1 < cfg.rounds:
+            if not run.exists(round_file(r)):
+                return
+            best = run.read_table(round_file(r)).slice(0, cfg.k_per_round).to_pylist()
+            removed += [(row["layer"], row["head"]) for row in best]
+
+
+def missing_units(run: RunDir, units: list[Unit]) -> list[Unit]:
+    """The units whose file the run directory does not hold yet."""
+    done = set()
+    for folder in {posixpath.dirname(u.file) for u in units}:
+        done |= {f"{folder}/{n}" for n in run.list(folder)}
+    return [u for u in units if u.file not in done]

@@ -1,0 +1,133 @@
+"""A replica's side of a stage: `Worker.run_unit` reads a unit's inputs, computes, and writes the
+unit's file, in this process or on a Ray actor (distributed/ imports this module, never the stages)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ..data import ImageSource, open_source
+from ..engine import Replica
+from ..models import LoadedModel, load
+from ..rundir import RunDir, decode_fg
+from .units import Job, Unit
+
+
+class Worker:
+    """A model replica bound to a run: reads a unit's inputs, computes, writes the unit's file."""
+
+    def __init__(self, job: Job, loaded: LoadedModel | None = None, source: ImageSource | None = None):
+        self.job = job
+        self.cfg = job.config
+        self.run = RunDir(job.out)
+        self.source = source or open_source(job.data)
+        self.loaded = loaded or load(job.model, job.device, job.precision)
+        self.replica = Replica(self.loaded, job.device, job.precision, self.cfg.batch_size)
+
+    def _images(self, unit: Unit):
+        records = [self.source.records[i] for i in unit.image_ids]
+        images, ok, failed = self.source.load(records, self.loaded.transform)
+        if failed:
+            self.run.write_table(unit.failure_file, failure_table(
+                [dict(kind="image", unit=unit.file, image_id=r.image_id, path=r.path, stage=unit.stage, error=e)
+                 for r, e in failed]))
+        return images, ok
+
+    def run_unit(self, unit: Unit, on_progress: Callable[[int], None] | None = None) -> dict:
+        """Do one unit and write its file; returns a small receipt (never tensors or rows)."""
+        start = time.perf_counter()
+        table = getattr(self, f"_{unit.stage}")(unit, on_progress or (lambda n: None))
+        checksum = self.run.write_table(unit.file, table)
+        return {"file": unit.file, "rows": table.num_rows, "sha256": checksum, "seconds": time.perf_counter() - start}
+
+    def _predict(self, unit: Unit, progress) -> pa.Table:
+        images, ok = self._images(unit)
+        probs = (torch.softmax(self.replica.logits(images) / self.cfg.tau, dim=1) if ok
+                 else torch.empty(0, self.loaded.num_classes))
+        labels = np.array([r.label for r in ok], dtype=np.int64)
+        pred = probs.argmax(dim=1).numpy()
+        progress(len(unit.image_ids))
+        return pa.table({
+            "image_id": pa.array([r.image_id for r in ok], pa.int64()),
+            "path": [r.path for r in ok],
+            "label": pa.array(labels, pa.int64()),
+            "pred": pa.array(pred, pa.int64()),
+            "correct": pa.array(pred == labels, pa.bool_()),
+            "probs": pa.array(list(probs.numpy().astype(np.float32)), pa.list_(pa.float32())),
+        })
+
+    def _mask(self, unit: Unit, progress) -> pa.Table:
+        images, ok = self._images(unit)
+        if not ok:
+            return empty_masks_table()
+        result = self.replica.masks(images, self.cfg)
+        progress(len(unit.image_ids))
+        return pa.table({
+            "image_id": pa.array([r.image_id for r in ok], pa.int64()),
+            "mask": pa.array(list(result.mask.reshape(len(ok), -1).numpy()), pa.list_(pa.float32())),
+            "fg": pa.array(list(result.fg.reshape(len(ok), -1).numpy()), pa.list_(pa.bool_())),
+            "fig": pa.array(result.fig.numpy(), pa.float64()),
+            "big": pa.array(result.big.numpy(), pa.float64()),
+            "bir": pa.array(result.bir.numpy(), pa.float64()),
+        })
+
+    def _scan(self, unit: Unit, progress) -> pa.Table:
+        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "fig", "big"]) for f in unit.inputs])
+        wanted = pa.array(unit.image_ids, pa.int64())
+        masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
+        ids = masks["image_id"].to_pylist()
+        images, ok = self._images(Unit("scan", unit.shard, tuple(ids), unit.layers))
+        if len(ok) != len(ids):  # an image that was readable before is not now: keep the rows aligned
+            keep = {r.image_id for r in ok}
+            masks = masks.filter(pa.array([i in keep for i in ids]))
+            ids = [i for i in ids if i in keep]
+        if not ids:
+            return empty_deltas_table(self.cfg.measure_fig)
+        fg = decode_fg(masks["fg"], self.cfg.mask_size)
+        heads = list(unit.heads)
+        ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress, removed=unit.removed,
+                                    measure_fig=self.cfg.measure_fig)
+        fig, big = masks["fig"].to_numpy(), masks["big"].to_numpy()
+        if unit.removed:  # the baseline is the model as earlier rounds left it
+            fig, big = self.replica.gains(images, fg, self.cfg.tau, self.replica.keep_without(list(unit.removed)))
+            fig, big = fig.numpy().astype(np.float64), big.numpy().astype(np.float64)
+        n = len(ids)
+        big_ablated = ablated.big.numpy().astype(np.float64)
+        columns = {
+            "image_id": pa.array(np.tile(np.array(ids, dtype=np.int64), len(heads)), pa.int64()),
+            "layer": pa.array(np.repeat([l for l, _ in heads], n), pa.int32()),
+            "head": pa.array(np.repeat([h for _, h in heads], n), pa.int32()),
+            "big": pa.array(np.tile(big, len(heads)), pa.float64()),
+            "big_ablated": pa.array(big_ablated.reshape(-1), pa.float64()),
+            "delta": pa.array((big[None, :] - big_ablated).reshape(-1), pa.float64()),
+        }
+        if ablated.fig is not None:
+            columns["fig"] = pa.array(np.tile(fig, len(heads)), pa.float64())
+            columns["fig_ablated"] = pa.array(ablated.fig.numpy().astype(np.float64).reshape(-1), pa.float64())
+        return pa.table(columns)
+
+
+FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("unit", pa.string()), ("stage", pa.string()),
+                            ("image_id", pa.int64()), ("path", pa.string()), ("attempts", pa.int64()),
+                            ("error", pa.string())])
+
+
+def failure_table(rows: list[dict]) -> pa.Table:
+    """failures/ rows: kind "image" (unreadable, skipped) or "unit" (failed max_attempts times)."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in FAILURE_SCHEMA.names} for r in rows], schema=FAILURE_SCHEMA)
+
+
+def empty_masks_table() -> pa.Table:
+    return pa.table({"image_id": pa.array([], pa.int64()), "mask": pa.array([], pa.list_(pa.float32())),
+                     "fg": pa.array([], pa.list_(pa.bool_())), "fig": pa.array([], pa.float64()),
+                     "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64())})
+
+
+def empty_deltas_table(measure_fig: bool = False) -> pa.Table:
+    names = ["big", "big_ablated", "delta"] + (["fig", "fig_ablated"] if measure_fig else [])
+    return pa.table({"image_id": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
+                     "head": pa.array([], pa.int32()), **{k: pa.array([], pa.float64()) for k in names}})

@@ -1,0 +1,9 @@
+"""The run directory as a layer: storage (Parquet and JSON under one URL), the manifest and its
+compatibility checks, and a finished run opened for reading (rankings with K resolved, masks,
+the scanned model and data rebuilt as they were)."""
+from .manifest import RunMismatch, build_manifest, check_compatible, scanned_model_spec
+from .run import Run, Scanned, check_k, decode_fg, open_run, top_heads
+from .storage import RunDir, StorageError
+
+__all__ = ["Run", "RunDir", "RunMismatch", "Scanned", "StorageError", "build_manifest", "check_compatible", "check_k",
+           "decode_fg", "open_run", "scanned_model_spec", "top_heads"]
