@@ -11,6 +11,7 @@ import torch
 from ..config import Config
 from ..method import bir, counterfactuals, foreground_cells, gains, optimise_masks, probs
 from ..models import LoadedModel
+from .checks import check_finite
 from .scan import Ablated, batched, scan_heads
 
 PRECISIONS = ("fp32", "bf16")
@@ -55,6 +56,7 @@ class Replica:
         self.device = torch.device(device)
         self.precision = precision
         self.batch_size = batch_size
+        self.name = loaded.fingerprint.get("name", "the model")
 
     def upload(self, x: torch.Tensor) -> torch.Tensor:
         """To the device; from pinned host memory without blocking when it is a GPU."""
@@ -69,7 +71,7 @@ class Replica:
 
     def _logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.adapter.logits(x, keep).float()
+            return check_finite(self.adapter.logits(x, keep).float(), self.name)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -118,7 +120,8 @@ class Replica:
         fixed = {layer: k[0] for layer, k in self.keep_without(list(removed)).items()}
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
-                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg), self.batch_size)
+                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg, model_name=self.name),
+            self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

@@ -4,7 +4,7 @@ PATH is a directory written by `save_pretrained` (weights, config.json, and the 
 tokenizer files), or an object-storage URL (s3://, gs://, ... through fsspec) of such a
 directory, copied once to a local cache. Which adapter a model gets is decided by
 `config.model_type` (ADAPTERS): CLIP in clip.py, the vision-language models in vlm.py (which
-says how to add another).
+says how to add another), InternVL2/2.5 as published (`internvl_chat`) in internvl_chat.py.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from ..base import ModelError, ModelSpec
 from ..registry import LoadedModel, register
 from .clip import load_clip
 from .common import check_spec, local_path, model_type, options, weights_fingerprint
+from .internvl_chat import load_internvl_chat
 from .vlm import ARCHITECTURES, load_vlm
 
-ADAPTERS = {"clip": load_clip, **{name: load_vlm for name in ARCHITECTURES}}
+ADAPTERS = {"clip": load_clip, **{name: load_vlm for name in ARCHITECTURES}, "internvl_chat": load_internvl_chat}
 
 
 @register("hf")

@@ -1,8 +1,10 @@
-"""A Hugging Face model's size from its config alone (no weights): parameters per part, attention
+"""A Hugging Face model's size from its config alone (no weights): the config read without running
+any code (`read_config`, the published InternVL2 format included), parameters per part, attention
 heads, tokens per forward. Formulas are held by tests to the exact counts of models built from the
 same configs."""
 from __future__ import annotations
 
+import json
 import os
 
 from ..base import ModelError
@@ -115,14 +117,84 @@ def tokens_per_forward(config, classes: int) -> tuple[int, int]:
     return tiles * (patches + 1), image + PROMPT_TOKENS + CLASS_TOKENS * classes * 2  # listed, then scored
 
 
-def read_config(path: str):
-    """AutoConfig from a model directory or a config.json file; nothing else is read."""
-    from transformers import AutoConfig
-
+def config_dir(path: str) -> str:
+    """The directory holding config.json, for `hf:DIR`, DIR or DIR/config.json."""
     path = path.removeprefix("hf:")
     if os.path.isfile(path):
         path = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"--model {path}: no config.json there; plan reads only a model's config (a directory or "
                          "its config.json; `hf download ID config.json --local-dir DIR` fetches just that)")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    return path
+
+
+def read_raw_config(path: str) -> dict:
+    """config.json of `hf:DIR`, DIR or DIR/config.json as plain JSON."""
+    with open(os.path.join(config_dir(path), "config.json")) as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ModelError(f"--model {path}: config.json is not valid JSON ({e})") from None
+
+
+def read_config(path: str):
+    """A transformers config for the model at `path` (a directory or its config.json), without running any
+    code from it or prompting: for the published InternVL2 format (`internvl_chat`) the InternVLConfig that
+    cigma-ray maps it onto (internvl_chat.native_config), for every other type the class transformers
+    registers for it. `trust_remote_code` is never asked for; nothing but config.json is read."""
+    from transformers import CONFIG_MAPPING
+
+    raw = read_raw_config(path)
+    kind = raw.get("model_type", "")
+    if kind == "internvl_chat":
+        from .internvl_chat import native_config, with_defaults
+
+        return native_config(with_defaults(raw))
+    if kind not in CONFIG_MAPPING:
+        raise ModelError(f"--model {path}: config.json has model_type {kind!r}, which this transformers does not know "
+                         "(cigma-ray never runs a model's own code)")
+    return CONFIG_MAPPING[kind].from_dict({k: v for k, v in raw.items() if k != "auto_map"})
+
+
+def internvl_chat_params(raw: dict) -> dict[str, int]:
+    """{vision, projector, language, total} parameters of a published internvl_chat config.
+
+    InternViT: class token, patch conv with bias, (patches + 1) positions; per layer the fused qkv
+    (3 D x D, bias optional), the output projection with bias, q/k RMSNorms (D each) when
+    qk_normalization, two norms (RMSNorm D, LayerNorm 2 D), two layer-scale vectors, fc1/fc2 with
+    biases; no final norm. mlp1: LayerNorm(W), W -> Dt, Dt -> Dt with biases, W = D / ratio^2.
+    InternLM2: tok_embeddings, per layer wqkv (D x (H + 2 KV) hd), wo (H hd x D), biases when
+    `bias`, w1/w3/w2, two RMSNorms; a final norm; `output` (never tied by InternVLChatConfig).
+    Qwen2 and Llama language models (transformers' classes) are counted on a meta-device model.
+    Counted from the published config's own keys, independently of the mapping onto transformers'
+    classes (tests hold the two equal).
+    """
+    from .internvl_chat import text_config, with_defaults
+
+    cfg = with_defaults(raw)
+    v = cfg["vision_config"]
+    d, i, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    n = (v["image_size"] // p) ** 2
+    norm = d if v["norm_type"] == "rms_norm" else 2 * d
+    attention = 3 * d * d + (3 * d if v["qkv_bias"] else 0) + d * d + d + (2 * d if v["qk_normalization"] else 0)
+    layer = attention + 2 * norm + 2 * d + (d * i + i + i * d + d)
+    vision = d + 3 * p * p * d + d + (n + 1) * d + v["num_hidden_layers"] * layer
+
+    t = cfg["llm_config"]
+    dt = t["hidden_size"]
+    width = d * int(1 / cfg["downsample_ratio"]) ** 2
+    projector = 2 * width + width * dt + dt + dt * dt + dt
+    if t["architectures"][0] == "InternLM2ForCausalLM":
+        heads = t["num_attention_heads"]
+        kv, hd = t["num_key_value_heads"] or heads, dt // heads
+        bias = bool(t["bias"])
+        attention = dt * (heads + 2 * kv) * hd + ((heads + 2 * kv) * hd if bias else 0) + heads * hd * dt + (dt if bias else 0)
+        block = attention + 3 * dt * t["intermediate_size"] + 2 * dt
+        language = 2 * t["vocab_size"] * dt + t["num_hidden_layers"] * block + dt
+    else:  # transformers' own classes: counted exactly on a model built on the meta device
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            language = sum(p.numel() for p in AutoModelForCausalLM.from_config(text_config(cfg)).parameters())
+    return {"vision": vision, "projector": projector, "language": language, "total": vision + projector + language}
