@@ -87,18 +87,21 @@ class Replica:
 
         The images are optimised as one batch whatever `batch_size` is: Adam's normalised steps
         amplify float rounding in near-zero gradients, so only a fixed batch composition (the
-        run's mask unit) gives masks that are reproducible bit for bit.
+        run's mask unit) gives masks that are reproducible bit for bit. Each step's forward and
+        backward may run in slices of the config's `mask_micro_batch` images, fixed per run too.
         """
         x = self.upload(images)
         try:
             with torch.no_grad():
-                q = probs(self._logits(x), cfg.tau)
+                q = probs(batched(self._logits, x, cfg.mask_micro_batch or len(x)), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
-                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
+                                  micro_batch=cfg.mask_micro_batch).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
-            raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; lower the "
-                                         f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "
-                                         "it changes the masks") from e
+            raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; set the "
+                                         f"config key mask_micro_batch (now {cfg.mask_micro_batch}) to fewer images "
+                                         "per forward and backward (engine.memory.micro_batches suggests one), and use "
+                                         "a new --out") from e
         fg = foreground_cells(mask, cfg.keep_ratio)
         fig, big = self.gains(images, fg, cfg.tau)
         return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=torch.from_numpy(bir(fig.numpy(), big.numpy())))

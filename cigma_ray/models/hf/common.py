@@ -28,10 +28,11 @@ def model_type(path: str) -> str:
         return json.load(f).get("model_type", "")
 
 
-def local_path(name: str) -> str:
-    """A local directory holding the model: PATH itself, a cached copy of a URL, or the local hub cache of an id."""
+def local_path(name: str, check_config: Callable[[dict], None] | None = None) -> str:
+    """A local directory holding the model: PATH itself, a cached copy of a URL, or the local hub cache of an id.
+    `check_config(config.json as a dict)` runs on a URL's config.json before any other file is copied."""
     if "://" in name and not name.startswith("file://"):
-        return copy_to_cache(name)
+        return copy_to_cache(name, check_config)
     path = name.removeprefix("file://")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -51,8 +52,10 @@ def local_path(name: str) -> str:
                          "and pass hf:s3://bucket/DIR") from None
 
 
-def copy_to_cache(url: str) -> str:
-    """Copy a model directory from object storage to a local cache once (a marker file says the copy is whole)."""
+def copy_to_cache(url: str, check_config: Callable[[dict], None] | None = None) -> str:
+    """Copy a model directory from object storage to a local cache once (a marker file says the copy is whole).
+    `check_config` sees the directory's config.json first: a model cigma-ray cannot load is refused before
+    tens of gigabytes of weights are copied."""
     import fsspec
 
     local = os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/cigma-ray"), "models",
@@ -63,6 +66,8 @@ def copy_to_cache(url: str) -> str:
         fs, root = fsspec.core.url_to_fs(url)
         if not fs.isfile(root.rstrip("/") + "/config.json"):
             raise ModelError(f"--model hf:{url}: no config.json there; copy a save_pretrained directory to it")
+        if check_config is not None:
+            check_config(json.loads(fs.cat_file(root.rstrip("/") + "/config.json")))
         fs.get(root.rstrip("/") + "/", local + "/", recursive=True)
     except ModelError:
         raise

@@ -23,6 +23,13 @@ from .vlm import ARCHITECTURES, load_vlm
 ADAPTERS = {"clip": load_clip, **{name: load_vlm for name in ARCHITECTURES}, "internvl_chat": load_internvl_chat}
 
 
+def check_model_type(kind: str, name: str) -> None:
+    """An adapter exists for config.json's model_type (checked before any weights are copied)."""
+    if kind not in ADAPTERS:
+        raise ModelError(f"--model {name}: config.json has model_type {kind!r}, which cigma-ray has no adapter "
+                         f"for; supported: {', '.join(sorted(ADAPTERS))} (models/hf/vlm.py says how to add one)")
+
+
 @register("hf")
 def load_hf(spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     """Find the directory, pick the adapter by config.json's model_type, and fingerprint the result."""
@@ -31,11 +38,9 @@ def load_hf(spec: ModelSpec, device: str | torch.device = "cpu", precision: str 
         import transformers  # noqa: F401
     except ImportError:
         raise ModelError(f"--model {spec.name}: needs the `hf` extra: pip install 'cigma-ray[hf]'") from None
-    path = local_path(spec.arch)
+    path = local_path(spec.arch, lambda config: check_model_type(config.get("model_type", ""), spec.name))
     kind = model_type(path)
-    if kind not in ADAPTERS:
-        raise ModelError(f"--model {spec.name}: config.json has model_type {kind!r}, which cigma-ray has no adapter "
-                         f"for; supported: {', '.join(sorted(ADAPTERS))} (models/hf/vlm.py says how to add one)")
+    check_model_type(kind, spec.name)
     adapter, transform = ADAPTERS[kind](spec, path, device, precision)
     with open(os.path.join(path, "config.json")) as f:
         config_hash = hashlib.sha256(f.read().encode()).hexdigest()[:16]
