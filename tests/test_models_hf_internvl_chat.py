@@ -24,12 +24,10 @@ pytest.importorskip("transformers", reason="the hf extra (transformers) is not i
 
 from cigma_ray.models import ModelError, ModelSpec, load  # noqa: E402
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "internvl_chat")
-if not os.path.isdir(FIXTURE):
-    FIXTURE = "/work/shared/internvl_chat"
-V2, V25 = (os.path.join(FIXTURE, n) for n in ("tiny_internvl_chat_shimmed", "tiny_internvl2_5_chat_shimmed"))
-PUBLISHED = os.path.join(FIXTURE, "tiny_internvl_chat")  # the code unmodified: the loader must not care
-needs_fixture = pytest.mark.skipif(not os.path.isdir(V2), reason="../shared/internvl_chat (the oracle) is not here")
+from helpers import INTERNVL2, INTERNVL2_5, INTERNVL2_PUBLISHED, needs_internvl_chat  # noqa: E402
+
+V2, V25, PUBLISHED = INTERNVL2, INTERNVL2_5, INTERNVL2_PUBLISHED
+needs_fixture = needs_internvl_chat
 CLASSES = ("red car", "red bus", "cat")  # two share their first token: whole answers are scored
 
 
