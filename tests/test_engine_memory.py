@@ -210,3 +210,11 @@ def test_llava_does_not_scan_the_vision_layer_it_never_reads(saved):
     x = torch.randn(2, 3, *a.input_size)
     with torch.inference_mode():  # why: ablating its heads changes nothing
         torch.testing.assert_close(a.logits(x, {1: torch.zeros(2, 4)}), a.logits(x), rtol=0, atol=0)
+
+
+def test_a_vlm_on_a_gpu_defaults_to_bf16():
+    from cigma_ray.engine.memory import default_precision
+
+    assert default_precision("hf:/models/InternVL2-26B", "cuda") == "bf16"
+    assert default_precision("hf:/models/InternVL2-26B", "cpu") == "fp32"
+    assert default_precision("timm:vit_base_patch16_224", "cuda:0") == "fp32"

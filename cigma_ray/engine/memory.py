@@ -148,3 +148,10 @@ def micro_batches(estimate: MemoryEstimate, device_bytes: int, gpus: int = 1, re
 def host_bytes(estimate: MemoryEstimate, on_gpu: bool = True) -> int:
     """Host memory of one replica: its process, the loading buffer, and the weights when they live on the host."""
     return HOST_PROCESS + estimate.host_loading + (0 if on_gpu else estimate.weights)
+
+
+def default_precision(model_name: str, device: str) -> str:
+    """The run's precision when none is given: bf16 for a Hugging Face model on a GPU (a 26B VLM's fp32
+    weights alone fill 104 GB, and bf16 is the precision these models are published and served in), fp32
+    everywhere else (timm models, CPUs: the exact path)."""
+    return "bf16" if model_name.startswith("hf:") and str(device).startswith("cuda") else "fp32"
