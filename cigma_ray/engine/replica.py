@@ -100,8 +100,9 @@ class Replica:
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
             raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; set the "
                                          f"config key mask_micro_batch (now {cfg.mask_micro_batch}) to fewer images "
-                                         "per forward and backward (engine.memory.micro_batches suggests one), and use "
-                                         "a new --out") from e
+                                         "per forward and backward (engine.memory.micro_batches suggests one), or lower "
+                                         f"mask_batch (now {cfg.mask_batch}), and use a new --out: both change the "
+                                         "masks") from e
         fg = foreground_cells(mask, cfg.keep_ratio)
         fig, big = self.gains(images, fg, cfg.tau)
         return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=torch.from_numpy(bir(fig.numpy(), big.numpy())))
