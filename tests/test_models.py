@@ -156,7 +156,8 @@ def test_missing_pretrained_weights_say_how_to_provide_them(monkeypatch):
 
 @pytest.mark.parametrize("kind", list(VIT_KINDS))
 def test_zeroed_and_smaller_models_equal_the_keep_mask_ablation(kind, tmp_path):
-    lm, name, kwargs = loaded(kind)
+    name, kwargs = VIT_KINDS[kind]
+    lm = loaded(kind, num_classes=4)
     a = lm.adapter
     last = a.num_layers - 1
     heads = [(0, h) for h in range(a.heads_per_layer[0])] + [(last, 1)]  # layer 0 loses every head
