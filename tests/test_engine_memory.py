@@ -48,7 +48,7 @@ def test_mask_stage_estimate_follows_what_autograd_keeps(kind):
     from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                               LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
 
-    from cigma_ray.engine.memory import image_tokens
+    from cigma_ray.models.hf.sizes import image_tokens
     from cigma_ray.models.hf.vlm import ARCHITECTURES, VLMClassifier
 
     torch.manual_seed(0)

@@ -19,16 +19,18 @@
 largest micro-batches that fit beside the weights with RESERVE of the device kept free.
 
 Estimates, not measurements: GPU kernels (flash attention) keep less than eager attention; the
-numbers assume the SDPA path, bf16 activations for a bf16 run.
+numbers assume the SDPA path, bf16 activations for a bf16 run. Token counts and parameters come from
+models/hf/sizes.py (the config alone).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..models.hf.sizes import CLASS_TOKENS, PROMPT_TOKENS, count_params, image_tokens, vision_tokens
+
 BYTES = {"fp32": 4, "bf16": 2}
 RESERVE = 0.1  # share of each device kept free (CUDA context, allocator fragmentation)
 HOST_PROCESS = 4 << 30  # a replica process's own host memory (Python, torch, CUDA libraries): assumed
-PROMPT_TOKENS = 24  # prompt words around the class list (assumed; as plan's)
 LOGIT_ROWS = 256  # answer tokens per slice of the vocabulary projection (models/hf/vlm.py: LOGIT_ROWS)
 VIT_SAVED = (8, 1)  # values kept for the backward per token and layer: (x D, x I), ViT blocks
 DECODER_SAVED = (6, 3)  # the same for gated decoders (Llama, Qwen2, InternLM2)
@@ -48,42 +50,6 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def _size(v) -> int:
-    return int(v[0] if isinstance(v, (list, tuple)) else v)
-
-
-def vision_tokens(config) -> tuple[int, int]:
-    """(tiles per image, tokens per tile incl. the class token)."""
-    v = config.vision_config
-    per_tile = (_size(v.image_size) // _size(v.patch_size)) ** 2 + 1
-    tiles = 1
-    if config.model_type == "llava_next":
-        side = max(a for a, b in config.image_grid_pinpoints if a == b)
-        tiles = 1 + (side // _size(v.image_size)) ** 2
-    return tiles, per_tile
-
-
-def image_tokens(config) -> int:
-    """Tokens the language model reads for one image."""
-    tiles, per_tile = vision_tokens(config)
-    if config.model_type == "internvl":
-        return config.image_seq_length * tiles
-    return tiles * (per_tile - 1)  # LLaVA's default strategy drops the class token
-
-
-def count_on_meta(config) -> int:
-    import torch
-    import transformers
-
-    from ..models.hf.vlm import ARCHITECTURES
-
-    cls = getattr(transformers, ARCHITECTURES[config.model_type].model_class) if config.model_type in ARCHITECTURES \
-        else transformers.AutoModel._model_mapping[type(config)]
-    with torch.device("meta"):
-        model = cls._from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def kv_cache_bytes(t, tokens: int, nbytes: int) -> int:
     """Key/value cache of a decoder for `tokens` tokens of one sequence."""
     heads = t.num_attention_heads
@@ -92,12 +58,12 @@ def kv_cache_bytes(t, tokens: int, nbytes: int) -> int:
     return 2 * t.num_hidden_layers * kv * head_dim * tokens * nbytes
 
 
-def estimate_memory(config, *, precision: str = "bf16", classes: int = 10, class_tokens: int = 3,
+def estimate_memory(config, *, precision: str = "bf16", classes: int = 10, class_tokens: int = CLASS_TOKENS,
                     prompt_tokens: int = PROMPT_TOKENS, params: int | None = None, eager_attention: bool = False,
                     checkpoint_bytes: int = 2) -> MemoryEstimate:
     """Bytes per stage for a CLIP, LLaVA, LLaVA-NeXT or InternVL config (models.hf.sizes.read_config's)."""
     b = BYTES[precision]
-    params = count_on_meta(config) if params is None else params
+    params = count_params(config)["total"] if params is None else params
     v = config.vision_config
     tiles, per_tile = vision_tokens(config)
     dv, iv, hv = v.hidden_size, v.intermediate_size, v.num_attention_heads

@@ -9,7 +9,7 @@ import os
 
 from ..base import ModelError
 
-PROMPT_TOKENS = 24  # prompt words around the class list (assumed)
+PROMPT_TOKENS = 24  # prompt tokens around the class list (assumed)
 CLASS_TOKENS = 3  # tokens per class name (assumed)
 
 
@@ -100,21 +100,37 @@ def heads_of(config, heads: str) -> int:
     return heads_of(config, "vision") + t.num_hidden_layers * t.num_attention_heads
 
 
-def tokens_per_forward(config, classes: int) -> tuple[int, int]:
-    """(vision tokens, language-model tokens) of one image's forward: tiles x (patches + class token); the
-    image tokens, the prompt and every class's answer tokens."""
+def vision_tokens(config) -> tuple[int, int]:
+    """(tiles per image, tokens per tile including the class token) of the vision tower: one tile per
+    square image, LLaVA-NeXT's base image plus its grid tiles at the largest square resolution."""
     v = config.vision_config
     p = size2(v.patch_size)
     h, w = size2(v.image_size)
-    patches = (h // p[0]) * (w // p[1])
-    if config.model_type == "clip":
-        return patches + 1, 0
+    per_tile = (h // p[0]) * (w // p[1]) + 1
     tiles = 1
     if config.model_type == "llava_next":
         side = max(a for a, b in config.image_grid_pinpoints if a == b)
         tiles = 1 + (side // h) ** 2
-    image = tiles * patches if config.model_type != "internvl" else config.image_seq_length + 2
-    return tiles * (patches + 1), image + PROMPT_TOKENS + CLASS_TOKENS * classes * 2  # listed, then scored
+    return tiles, per_tile
+
+
+def image_tokens(config) -> int:
+    """Tokens the language model reads for one image (InternVL: image_seq_length per tile; LLaVA's default
+    strategy drops the class token)."""
+    tiles, per_tile = vision_tokens(config)
+    if config.model_type == "internvl":
+        return config.image_seq_length * tiles
+    return tiles * (per_tile - 1)
+
+
+def tokens_per_forward(config, classes: int) -> tuple[int, int]:
+    """(vision tokens, language-model tokens) of one image's forward: tiles x (patches + class token); the
+    image tokens, the prompt and every class's answer tokens."""
+    tiles, per_tile = vision_tokens(config)
+    if config.model_type == "clip":
+        return per_tile, 0
+    image = image_tokens(config) + (2 if config.model_type == "internvl" else 0)  # <img> ... </img>
+    return tiles * per_tile, image + PROMPT_TOKENS + CLASS_TOKENS * classes * 2  # listed, then scored
 
 
 def config_dir(path: str) -> str:

@@ -1,8 +1,9 @@
 """Vision-language models (LLaVA, LLaVA-NeXT, InternVL) as classifiers over a fixed class list.
 
 The prompt asks which of the classes the image shows. The image and prompt (the prefix) run once
-per image with the key/value cache on; then every class's answer tokens run together against
-copies of that cache, and a class's logit is the log-probability of its answer:
+per image with the key/value cache on; then every class's answer tokens run together in one
+forward against that one cache (a block-causal mask: each class's tokens see the prefix and their
+own class's earlier tokens), and a class's logit is the log-probability of its answer:
 
 - scoring "sequence" (default): the sum of its tokens' log-probabilities, log p(t1..tn | prefix).
   Summed log-probabilities favour short names, as likelihoods do; one-token classes need no
