@@ -64,6 +64,11 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     assert meta["plan"].get("skipped_layers", []) == skipped and list(map(int, meta["model"]["skipped_layers"])) == skipped
     assert rankings.num_rows == 4 * (len(labels) - len(skipped)) and np.isfinite(rankings["score"].to_numpy()).all()
     assert not set(rankings["layer"].to_pylist()) & set(skipped)
+    # what `show` prints (the scan prints it too): which layers were not scanned, and why
+    said = re.findall(r"^skipped +layers? (.*)$", proc.stdout, re.M)
+    assert said == (["vision.1 (4 heads, not scanned or ranked): vision_feature_layer -2: the language model reads "
+                     "the vision tower's hidden state after its layer 0, so the heads of the layers above it cannot "
+                     "change the logits"] if kind == "llava" else []), proc.stdout
     if kind != "llava":
         return
     # the same job in this process gives the same ranking

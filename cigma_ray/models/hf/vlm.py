@@ -187,9 +187,9 @@ class VLMAdapter(HFAdapter):
         n = len(self.layers) if self.layers is not None else len(find_heads(self.vision))
         read = getattr(self.model.vlm.config, "vision_feature_layer", -1)
         top = max(i if i >= 0 else n + 1 + i for i in (read if isinstance(read, (list, tuple)) else [read]))
-        return {layer: f"vision_feature_layer {read}: the language model reads the vision hidden state after layer "
-                       f"{top - 1}, so the heads of vision layer {layer} cannot change the logits"
-                for layer in range(top, n)}
+        why = (f"vision_feature_layer {read}: the language model reads the vision tower's hidden state after its "
+               f"layer {top - 1}, so the heads of the layers above it cannot change the logits")
+        return {layer: why for layer in range(top, n)}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
