@@ -58,6 +58,7 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     labels = meta["model"]["layer_labels"]
     assert labels == (["vision.0", "vision.1"] + (["text.0", "text.1"] if heads != "vision" else []))
     assert meta["model"]["options"]["classes"] == list(CLASSES)  # from the data's class folders
+    assert meta["precision"] == "fp32"  # no --precision, a cluster without GPUs: the exact default
     assert re.search(r"^name +rank", proc.stdout, re.M) and re.search(r"^(vision|text)\.\d\.\d ", proc.stdout, re.M)
     rankings = pq.read_table(os.path.join(out, "rankings.parquet"))
     skipped = [1] if kind == "llava" else []  # LLaVA reads vision layer 0's output (-2): layer 1 is not scanned
@@ -80,3 +81,31 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     got, want = (t.sort_by([("layer", "ascending"), ("head", "ascending")]) for t in (rankings, want))
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
     assert got["layer"].to_pylist() == want["layer"].to_pylist()
+
+
+@pytest.mark.timeout(120)
+def test_an_hf_model_defaults_to_bf16_where_its_replicas_get_gpus(monkeypatch):
+    """No --precision: bf16 for an hf: model whose replicas run on GPUs (a cluster with GPUs and no
+    --gpus-per-replica, or --gpus-per-replica >= 1, or --device cuda), fp32 otherwise and for timm models.
+    The cluster here declares one GPU it does not have: only its resources are read."""
+    import ray
+
+    from cigma_ray.commands.options import ModelOptions, ScanOptions
+    from cigma_ray.commands.scan import Settings, replica_precision
+
+    def precision(model="hf:/models/x", address="local", gpus=None, device=None, given=None):
+        scan = ScanOptions(model=ModelOptions(model=model), data="d", out="o", device=device, precision=given)
+        settings = Settings(scan=scan, config=Config(), address=address, gpus_per_replica=gpus)
+        return replica_precision(settings, scan.model.spec(0))
+
+    assert precision(address=None) == "fp32" and precision(address=None, device="cuda") == "bf16"
+    assert precision(address=None, device="cuda", given="fp32") == "fp32"
+    assert precision(gpus=1) == "bf16" and precision(gpus=0) == "fp32"
+    assert precision(model="timm:vit_tiny_patch16_224", gpus=1) == "fp32"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert precision() == "bf16"  # replicas get the cluster's GPUs by default
+        assert precision(gpus=0) == "fp32" and precision(given="fp32") == "fp32"
+    finally:
+        ray.shutdown()
