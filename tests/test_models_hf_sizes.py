@@ -111,7 +111,10 @@ def test_an_unknown_model_type_is_named(tmp_path):
 
 
 def test_the_model_type_is_checked_before_any_weights_are_copied(tmp_path, monkeypatch):
-    from cigma_ray.models import load
+    """The copy route of an object-storage URL (here file://, which fsspec copies like s3://; the S3 case is in
+    test_models_hf_s3.py) reads config.json first and refuses an unknown model type before copying weights."""
+    from cigma_ray.models.hf.common import copy_to_cache
+    from cigma_ray.models.hf.loader import check_model_type
 
     src = tmp_path / "bucket" / "model"
     src.mkdir(parents=True)
@@ -119,9 +122,9 @@ def test_the_model_type_is_checked_before_any_weights_are_copied(tmp_path, monke
     (src / "model.safetensors").write_bytes(b"\0" * 1024)
     monkeypatch.setenv("CIGMA_RAY_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelError, match="model_type 'qwen2_vl'"):
-        load(ModelSpec(f"hf:file://{src}", classes=("a", "b")))
+        copy_to_cache(f"file://{src}", lambda config: check_model_type(config.get("model_type", ""), "hf:x"))
     copied = [f for _, _, files in os.walk(tmp_path / "cache") for f in files] if (tmp_path / "cache").exists() else []
-    assert "model.safetensors" not in copied
+    assert "model.safetensors" not in copied and "config.json" not in copied
 
 
 def test_the_weight_reader_gives_what_safetensors_gives(tmp_path):
