@@ -14,33 +14,8 @@ from cigma_ray.models.hf.internvl_chat import native_config, with_defaults  # no
 from cigma_ray.models.hf.sizes import count_params, internvl_chat_params, read_config  # noqa: E402
 
 from helpers import INTERNVL2 as V2  # noqa: E402
+from hf_configs import INTERNVL2_26B, llava15_13b_config  # noqa: E402
 from helpers import needs_internvl_chat as needs_fixture  # noqa: E402
-
-# InternVL2-26B: InternViT-6B-448px-V1-5 + MLP projector + internlm2-chat-20b (the issue's hyper-parameters)
-INTERNVL2_26B = {
-    "model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "auto_map": {"AutoConfig": "x.Y"},
-    "downsample_ratio": 0.5, "force_image_size": 448, "ps_version": "v2", "select_layer": -1, "template": "internlm2-chat",
-    "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12,
-    "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 3200, "num_hidden_layers": 45, "num_attention_heads": 25,
-                      "intermediate_size": 12800, "image_size": 448, "patch_size": 14, "qk_normalization": True,
-                      "norm_type": "rms_norm", "qkv_bias": False},
-    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": 6144,
-                   "num_hidden_layers": 48, "num_attention_heads": 48, "num_key_value_heads": 8, "intermediate_size": 16384,
-                   "vocab_size": 92553, "bias": False, "max_position_embeddings": 32768, "rope_theta": 1000000,
-                   "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-}
-
-
-def llava_15_13b():
-    """llava-hf/llava-1.5-13b-hf's hyper-parameters: CLIP ViT-L/14 at 336 px, a two-layer projector, Llama-2-13B."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2, image_token_id=32000)
-
 
 def meta_count(config) -> int:
     import transformers
@@ -61,7 +36,7 @@ def test_internvl2_26b_counts_25_5_billion_and_maps_to_a_model_of_that_size():
 
 
 def test_llava_15_13b_counts_13_35_billion():
-    config = llava_15_13b()
+    config = llava15_13b_config()
     total = count_params(config)["total"]
     assert abs(total / 13.35e9 - 1) < 0.01, total
     assert meta_count(config) == total
