@@ -84,6 +84,13 @@ def replica_memory(config, params: int, precision: str, device_bytes: float, max
             "host": host_bytes(est, on_gpu=True)}
 
 
+def host_memory(config, precision: str, on_gpu: bool = True, params: int | None = None) -> int:
+    """Host bytes of one replica (engine.memory.host_bytes): its process and the loading buffer, plus the
+    weights when the replica runs on CPUs."""
+    est = estimate_memory(config, precision=precision, params=count_params(config)["total"] if params is None else params)
+    return host_bytes(est, on_gpu=on_gpu)
+
+
 @dataclass(frozen=True)
 class PlanSettings:
     """What `cigma-ray plan` is asked: the model, the hardware, the data and the scan's config keys."""
