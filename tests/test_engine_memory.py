@@ -218,3 +218,21 @@ def test_a_vlm_on_a_gpu_defaults_to_bf16():
     assert default_precision("hf:/models/InternVL2-26B", "cuda") == "bf16"
     assert default_precision("hf:/models/InternVL2-26B", "cpu") == "fp32"
     assert default_precision("timm:vit_base_patch16_224", "cuda:0") == "fp32"
+
+
+def test_a_loaded_vlms_estimate_uses_its_real_prompt_and_the_scan_batch_fits_it(saved):
+    """On a GPU the replica starts its scan at a batch the estimate says fits (engine.memory.scan_batch); the
+    estimate takes the loaded classifier's real prompt length, class count and parameters."""
+    from cigma_ray.engine.memory import replica_estimate, scan_batch
+
+    adapter = load(ModelSpec(f"hf:{saved['internvl']}", classes=CLASSES)).adapter
+    est = replica_estimate(adapter, "bf16")
+    assert est.tokens["text"] == adapter.model.prefix_ids.shape[1]  # the image's tokens, the question, the classes
+    assert est.weights == 2 * sum(p.numel() for p in adapter.model.parameters())
+    room = est.weights / 0.9 + 5.5 * est.scan_per_forward / 0.9  # 5 image-forwards fit beside the weights
+    assert scan_batch(64, est, int(room)) == 5 and scan_batch(4, est, int(room)) == 4
+    assert scan_batch(64, est, int(est.weights)) == 1  # never below one: the scan halves on out-of-memory anyway
+    assert scan_batch(64, None, 1) == 64  # timm and CLIP: no estimate
+    tiny = load(ModelSpec("timm:vit_tiny_patch16_224", random_weights=True, num_classes=3,
+                          model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3))).adapter
+    assert replica_estimate(tiny, "fp32") is None

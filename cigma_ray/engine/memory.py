@@ -111,6 +111,24 @@ def micro_batches(estimate: MemoryEstimate, device_bytes: int, gpus: int = 1, re
     return {"mask": int(mask), "scan": int(scan), "free": free, "fits": bool(mask >= 1 and scan >= 1)}
 
 
+def replica_estimate(adapter, precision: str) -> MemoryEstimate | None:
+    """The estimate for a loaded model (its adapter's memory_profile: the real prompt and answer lengths), or
+    None for models small enough not to need one."""
+    profile = adapter.memory_profile()
+    if profile is None:
+        return None
+    config = profile.pop("config")
+    return estimate_memory(config, precision=precision, **profile)
+
+
+def scan_batch(batch_size: int, estimate: MemoryEstimate | None, device_bytes: int, gpus: int = 1) -> int:
+    """The scan's images per forward on a device: `batch_size`, or fewer when the estimate says fewer fit
+    (never below 1; the scan still halves it on an out-of-memory error). Never changes results."""
+    if estimate is None:
+        return batch_size
+    return max(1, min(batch_size, micro_batches(estimate, device_bytes, gpus)["scan"]))
+
+
 def host_bytes(estimate: MemoryEstimate, on_gpu: bool = True) -> int:
     """Host memory of one replica: its process, the loading buffer, and the weights when they live on the host."""
     return HOST_PROCESS + estimate.host_loading + (0 if on_gpu else estimate.weights)

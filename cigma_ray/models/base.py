@@ -118,6 +118,11 @@ class HeadAdapter:
         """Layers whose heads cannot change the logits, {layer: why}; they are not scanned."""
         return {}
 
+    def memory_profile(self) -> dict | None:
+        """What engine.memory needs to estimate this model's memory per stage (a transformers config and the
+        prompt's token counts), or None where the model is small enough not to need it (timm, CLIP)."""
+        return None
+
     @property
     def scanned_heads(self) -> list[tuple[int, int]]:
         """The heads a scan measures: every head but those of the skipped layers."""

@@ -191,6 +191,18 @@ class VLMAdapter(HFAdapter):
                f"layer {top - 1}, so the heads of the layers above it cannot change the logits")
         return {layer: why for layer in range(top, n)}
 
+    def memory_profile(self) -> dict:
+        """engine.memory.estimate_memory's arguments for this classifier: its config, parameters, and the real
+        token counts of its prompt (the image's tokens, the question) and of its classes' answers."""
+        from .sizes import image_tokens
+
+        config = self.model.vlm.config
+        classes = self.model.class_ids.shape[0]
+        class_tokens = max(1, round(int(self.model.class_mask.sum()) / classes))  # per class, on average
+        prompt = int(self.model.prefix_ids.shape[1]) - image_tokens(config) - classes * class_tokens
+        return {"config": config, "classes": classes, "class_tokens": class_tokens, "prompt_tokens": max(0, prompt),
+                "params": sum(p.numel() for p in self.model.parameters())}
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
         captured = []
