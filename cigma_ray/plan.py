@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .engine.memory import BYTES, RESERVE, estimate_memory, host_bytes, micro_batches
-from .models.hf.sizes import count_params, heads_of, tokens_per_forward
+from .models.hf.sizes import count_params, heads_of, read_vision_layers, tokens_per_forward
 
 GB = 1e9
 UTILISATION = 0.3  # share of the peak FLOP rate an eager batched forward reaches (assumed, not measured)
@@ -36,6 +36,8 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     replicas = nodes * (gpus_per_node // gpus_per_replica)
     d = max(1, round(images * accuracy * tp_ratio))
     n_heads = heads_of(config, heads)
+    v = config.vision_config
+    unread = 0 if config.model_type == "clip" else v.num_hidden_layers - read_vision_layers(config, v.num_hidden_layers)
     views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
     forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
     vision_tokens, text_tokens = tokens_per_forward(config, classes)
@@ -48,7 +50,7 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     seconds = sum(forwards.values()) / (rate * replicas)
     return {"params": params, "memory": memory, "memory_gb": memory["peak"] / GB, "gpus_per_replica": gpus_per_replica,
             "replicas_per_node": gpus_per_node // gpus_per_replica, "replicas": replicas, "images_in_d": d,
-            "heads": n_heads, "views": views, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
+            "heads": n_heads, "unread_layers": unread, "views": views, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
             "hours": seconds / 3600, "gpu_hours": seconds * replicas * gpus_per_replica / 3600}
 
 

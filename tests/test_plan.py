@@ -51,7 +51,7 @@ def test_llava15_13b_plan_is_plausible(tmp_path):
     assert p["params"]["total"] == pytest.approx(13.35e9, rel=0.02)
     assert p["params"]["projector"] == 1024 * 5120 + 5120 + 5120 * 5120 + 5120
     assert 26.7 < p["memory_gb"] < 40 and p["gpus_per_replica"] == 1
-    assert p["heads"] == 24 * 16
+    assert p["heads"] == 23 * 16 and p["unread_layers"] == 1  # it reads layer 23's output (-2): layer 24 is skipped
 
 
 def test_plan_command_prints_every_number(tmp_path, capsys):

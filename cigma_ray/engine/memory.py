@@ -60,8 +60,10 @@ def kv_cache_bytes(t, tokens: int, nbytes: int) -> int:
 
 def estimate_memory(config, *, precision: str = "bf16", classes: int = 10, class_tokens: int = CLASS_TOKENS,
                     prompt_tokens: int = PROMPT_TOKENS, params: int | None = None, eager_attention: bool = False,
-                    checkpoint_bytes: int = 2) -> MemoryEstimate:
-    """Bytes per stage for a CLIP, LLaVA, LLaVA-NeXT or InternVL config (models.hf.sizes.read_config's)."""
+                    checkpoint_bytes: int = 2, prefix_tokens: int | None = None) -> MemoryEstimate:
+    """Bytes per stage for a CLIP, LLaVA, LLaVA-NeXT or InternVL config (models.hf.sizes.read_config's).
+    `prefix_tokens` is the image+prompt prefix's length where it is known (a loaded classifier's); otherwise
+    the image's tokens, `prompt_tokens` and the class list."""
     b = BYTES[precision]
     params = count_params(config)["total"] if params is None else params
     v = config.vision_config
@@ -76,7 +78,7 @@ def estimate_memory(config, *, precision: str = "bf16", classes: int = 10, class
                               {"vision": tiles * per_tile, "text": 0, "answers": 0})
     t = config.get_text_config()
     dt, it, ht, vocab = t.hidden_size, t.intermediate_size, t.num_attention_heads, t.vocab_size
-    prefix = image_tokens(config) + prompt_tokens + classes * class_tokens  # the question lists the classes
+    prefix = prefix_tokens or image_tokens(config) + prompt_tokens + classes * class_tokens  # the question lists them
     answers = classes * max(0, class_tokens - 1)
     per_token = (DECODER_SAVED[0] * dt + DECODER_SAVED[1] * it) * b
     attn_t = (lambda q, k: ht * q * k * 4) if eager_attention else (lambda q, k: 0)

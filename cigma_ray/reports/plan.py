@@ -62,7 +62,9 @@ def plan_text(name: str, p: dict, args: PlanSettings) -> str:
         f"(--gpus-per-replica {p['gpus_per_replica']}), {p['replicas_per_node']} replicas per {args.gpus_per_node}-GPU node, "
         f"{p['replicas']} on {args.nodes} node(s)",
         f"images     {args.images} predicted; D = {p['images_in_d']} (accuracy {args.accuracy:g} x tp_ratio {args.tp_ratio:g})",
-        f"heads      {p['heads']} scanned ({args.heads}); the language model runs in full for every ablated forward",
+        f"heads      {p['heads']} scanned ({args.heads}"
+        + (f"; the heads of the {p['unread_layers']} vision layer(s) above the one the language model reads are not"
+           if p["unread_layers"] else "") + "); the language model runs in full for every ablated forward",
         f"forwards   predict {f['predict']:,} + mask {f['mask']:,} (D x (3 x {args.mask_steps} steps + 3)) + "
         f"scan {f['scan']:,} (heads x D x {p['views']}{', measure_fig' if p['views'] == 3 else ''}) = {total:,}",
         f"rate       {p['rate']:.1f} forwards/s per replica ({p['rate'] / p['views']:.1f} head x image pairs/s) "

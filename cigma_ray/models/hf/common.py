@@ -181,6 +181,14 @@ def device_plan(device: str | torch.device, memory: list[int], headroom: float =
     return {"device_map": "auto", "max_memory": {i: int(m * headroom) for i, m in enumerate(memory)}}
 
 
+def read_vision_layers(config, n_layers: int) -> int:
+    """How many vision layers (of `n_layers`) can change the logits: those up to the one whose output the
+    language model reads (`vision_feature_layer`: LLaVA reads the second-to-last, -2; InternVL the last). The
+    heads of the layers above it are not scanned (VLMAdapter.skipped_layers)."""
+    read = getattr(config, "vision_feature_layer", -1)
+    return max(i if i >= 0 else n_layers + 1 + i for i in (read if isinstance(read, (list, tuple)) else [read]))
+
+
 def check_spec(spec: ModelSpec) -> None:
     if spec.heads not in HEAD_CHOICES:
         raise ModelError(f"--heads {spec.heads!r}: use one of {', '.join(HEAD_CHOICES)}")

@@ -8,6 +8,7 @@ import json
 import os
 
 from ..base import ModelError
+from .common import read_vision_layers
 
 PROMPT_TOKENS = 24  # prompt tokens around the class list (assumed)
 CLASS_TOKENS = 3  # tokens per class name (assumed)
@@ -93,11 +94,16 @@ def count_params(config) -> dict[str, int]:
 
 
 def heads_of(config, heads: str) -> int:
-    if config.model_type == "clip" or heads == "vision":
-        v = config.vision_config
+    """Heads a scan measures: the vision tower's (but those of layers the language model never reads), and the
+    language model's with `vision+text`."""
+    v = config.vision_config
+    if config.model_type == "clip":
         return v.num_hidden_layers * v.num_attention_heads
+    vision = read_vision_layers(config, v.num_hidden_layers) * v.num_attention_heads
+    if heads == "vision":
+        return vision
     t = config.text_config
-    return heads_of(config, "vision") + t.num_hidden_layers * t.num_attention_heads
+    return vision + t.num_hidden_layers * t.num_attention_heads
 
 
 def vision_tokens(config) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ..base import ModelError, ModelSpec
-from .common import HFAdapter, device_plan, find_heads, image_transform
+from .common import HFAdapter, device_plan, find_heads, image_transform, read_vision_layers
 
 DEFAULT_PROMPT = "Which of these is in the image: {classes}? Answer with one of them."
 SCORINGS = ("sequence", "first")
@@ -186,21 +186,18 @@ class VLMAdapter(HFAdapter):
         """The vision layers above the one the language model reads (LLaVA reads the second-to-last)."""
         n = len(self.layers) if self.layers is not None else len(find_heads(self.vision))
         read = getattr(self.model.vlm.config, "vision_feature_layer", -1)
-        top = max(i if i >= 0 else n + 1 + i for i in (read if isinstance(read, (list, tuple)) else [read]))
+        top = read_vision_layers(self.model.vlm.config, n)
         why = (f"vision_feature_layer {read}: the language model reads the vision tower's hidden state after its "
                f"layer {top - 1}, so the heads of the layers above it cannot change the logits")
         return {layer: why for layer in range(top, n)}
 
     def memory_profile(self) -> dict:
         """engine.memory.estimate_memory's arguments for this classifier: its config, parameters, and the real
-        token counts of its prompt (the image's tokens, the question) and of its classes' answers."""
-        from .sizes import image_tokens
-
-        config = self.model.vlm.config
+        token counts of its prefix (the image's tokens and the question) and of its classes' answers."""
         classes = self.model.class_ids.shape[0]
-        class_tokens = max(1, round(int(self.model.class_mask.sum()) / classes))  # per class, on average
-        prompt = int(self.model.prefix_ids.shape[1]) - image_tokens(config) - classes * class_tokens
-        return {"config": config, "classes": classes, "class_tokens": class_tokens, "prompt_tokens": max(0, prompt),
+        return {"config": self.model.vlm.config, "classes": classes,
+                "class_tokens": max(1, round(int(self.model.class_mask.sum()) / classes)),  # per class, on average
+                "prefix_tokens": int(self.model.prefix_ids.shape[1]),
                 "params": sum(p.numel() for p in self.model.parameters())}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
