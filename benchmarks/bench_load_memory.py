@@ -104,7 +104,10 @@ def main() -> int:
     p.add_argument("--kind", nargs="+", default=["internvl_chat", "llava"], choices=["internvl_chat", "llava"])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    results = {"date": datetime.date.today().isoformat(), "device": "cpu", "precision": "fp32", "runs": {}}
+    from bench_memory_26b import machine  # this folder is on the path of a script run from it
+
+    results = {"date": datetime.date.today().isoformat(), "device": "cpu", "precision": "fp32", "host": machine(),
+               "runs": {}}
     with tempfile.TemporaryDirectory(prefix="cigma-load-") as tmp:
         for kind in args.kind:
             big = os.path.join(tmp, kind)
