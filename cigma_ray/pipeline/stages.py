@@ -40,8 +40,8 @@ class Pipeline:
         scanned = len(self.adapter.scanned_heads)  # heads of skipped layers cannot change the logits
         if (self.cfg.rounds - 1) * self.cfg.k_per_round >= scanned:
             raise ConfigError(f"rounds={self.cfg.rounds} with k_per_round={self.cfg.k_per_round} would remove "
-                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {scanned} scanned heads "
-                              "of the model before its last round; lower one of them")
+                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {scanned} heads the scan "
+                              "measures before its last round; lower one of them")
         resolve_k(self.cfg.top_k, scanned)  # a top_k larger than the model is an error now, not later
         self._worker: Worker | None = None
         self.executor = executor or LocalExecutor(lambda: self.worker)
