@@ -31,6 +31,7 @@ class Config:
     keep_ratio: float = 0.35
     tau: float = 1.0
     mask_batch: int = 64
+    mask_micro_batch: int = 0  # images per forward/backward within a mask batch (0: all of them); for memory
     # scores and pruning
     bootstrap: int = 1000
     ci_level: float = 0.95
@@ -58,6 +59,7 @@ class Config:
             "keep_ratio": 0 < self.keep_ratio < 1,
             "tau": self.tau > 0,
             "mask_batch": self.mask_batch >= 1,
+            "mask_micro_batch": self.mask_micro_batch >= 0,
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
             "score": self.score in SCORES,
@@ -80,7 +82,7 @@ class Config:
 
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
-                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level", "measure_fig", "score", "rounds",
+                   "keep_ratio", "tau", "mask_batch", "mask_micro_batch", "bootstrap", "ci_level", "measure_fig", "score", "rounds",
                    "k_per_round")
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +121,8 @@ RANGES = {
     "keep_ratio": "a fraction in (0, 1)",
     "tau": "> 0",
     "mask_batch": "images whose masks are optimised together, an integer >= 1",
+    "mask_micro_batch": "images per forward and backward within a mask batch, for memory, an integer >= 0 "
+                        "(0 = the whole mask batch)",
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
     "score": "one of big_drop (the paper's: mean drop in BIG), bir_drop (mean drop in BIR), big_minus_fig "

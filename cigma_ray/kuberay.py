@@ -13,6 +13,7 @@ pending resource demand is what makes the autoscaler add pods.
 """
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?\Z")
 CREDENTIAL_VARS = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY|KEY_ID)", re.I)
 REMOTE = re.compile(r"[a-z][a-z0-9+.-]*://")
 USER_ID = 10001  # the non-root user of cluster/Dockerfile
+RAY_POD_OVERHEAD = 2 << 30  # a worker pod's raylet, agents and log monitor beside the replica (assumed)
 HEAD_CPUS, HEAD_MEMORY = "4", "16Gi"  # the head runs the scan driver, which loads the model once on CPU
 
 
@@ -112,6 +114,30 @@ def check(args: ClusterSettings) -> dict[str, str]:
             raise ConfigError(f"--env {key}: credentials never go into a manifest; put them in the Secret named by --secret")
         env[key] = value
     return env
+
+
+def worker_memory(model: str, precision: str | None, gpus_per_replica: int) -> str | None:
+    """Memory for a worker pod of an `hf:` model whose config.json can be read here (a local directory or
+    config.json): `cigma-ray plan`'s host memory per replica (a GPU replica streams its weights to the GPUs, a
+    CPU replica holds them) plus RAY_POD_OVERHEAD for the pod's Ray processes, in whole GiB rounded up. None
+    where it cannot be read here (timm models, object-storage URLs): the pods keep --memory."""
+    from .engine.memory import default_precision
+    from .models import ModelError
+    from .models.hf.sizes import read_config
+    from .plan import host_memory
+
+    if not model.startswith("hf:"):
+        return None
+    path = model.removeprefix("hf:")
+    if REMOTE.match(path) and not path.startswith("file://"):
+        return None
+    try:
+        config = read_config(path.removeprefix("file://"))
+        precision = precision or default_precision(model, "cuda" if gpus_per_replica else "cpu")
+        host = host_memory(config, precision, on_gpu=bool(gpus_per_replica))
+    except (ModelError, ValueError, KeyError, AttributeError, ImportError):  # not a config plan knows: keep --memory
+        return None
+    return f"{math.ceil((host + RAY_POD_OVERHEAD) / 2**30)}Gi"
 
 
 def node_selector(gpu_type: str | None) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Test helpers: tiny random timm models with informative outputs, and generated image data."""
+"""Test helpers: tiny random timm models with informative outputs, generated image data, and where the
+published-format InternVL2 fixture lives."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -20,6 +22,17 @@ VIT_KINDS = {
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, embed_dim=48, depth=3, num_heads=3,
                                                          init_values=0.5)),
 }
+
+# ../shared/internvl_chat: a tiny InternVL2 checkpoint in the published `internvl_chat` format and the published
+# code (MIT) as the oracle; its README says how it was made. Tests that need it skip where it is not.
+INTERNVL_CHAT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "internvl_chat")
+if not os.path.isdir(INTERNVL_CHAT):
+    INTERNVL_CHAT = "/work/shared/internvl_chat"
+INTERNVL2, INTERNVL2_5 = (os.path.join(INTERNVL_CHAT, n) for n in ("tiny_internvl_chat_shimmed",
+                                                                    "tiny_internvl2_5_chat_shimmed"))
+INTERNVL2_PUBLISHED = os.path.join(INTERNVL_CHAT, "tiny_internvl_chat")  # the code unmodified
+needs_internvl_chat = pytest.mark.skipif(not os.path.isdir(INTERNVL2),
+                                         reason="../shared/internvl_chat (the oracle) is not here")
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:

@@ -508,6 +508,29 @@ def test_lost_worker_node_run_completes_with_identical_results(tmp_path, slow_ru
     assert unit_failures(out) == []
 
 
+@pytest.mark.timeout(300)
+def test_non_finite_logits_fail_a_unit_at_once_without_retries(tmp_path, image_folder, tiny_checkpoint, procs):
+    """A model that returns NaN logits fails every unit the same way: each is given up after one attempt, with
+    the model named, instead of max_attempts tries (and nothing is written for it)."""
+    from cigma_ray.pipeline.units import predict_units
+
+    path, name, kwargs = tiny_checkpoint
+    state = torch.load(path)
+    state["head.bias"][1] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    job = Job(model=ModelSpec(f"timm:{name}", checkpoint=str(tmp_path / "nan.pth"), model_kwargs=kwargs),
+              data=image_folder, out=str(tmp_path / "run"), config=FAST)
+    units = predict_units(len(open_source(image_folder)), FAST)[:2]
+    done = []
+    with ray_executor(job, "local", 1, num_cpus=1) as executor:
+        failures = executor.run(units, lambda unit, receipt: done.append(unit))
+        retries = executor.retries
+    assert done == [] and retries == 0 and FAST.max_attempts == 3
+    assert [(f.unit, f.attempts) for f in failures] == [(u, 1) for u in units]
+    assert all(f"timm:{name} returned NaN class logits" in f.error for f in failures), failures[0].error
+    assert not os.path.exists(tmp_path / "run" / "predictions")
+
+
 # -- 6. bad input ---------------------------------------------------------------------------------
 def closed_port() -> int:
     return free_port()  # bound and released: nobody listens on it

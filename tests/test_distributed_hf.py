@@ -15,7 +15,6 @@ import sys
 import tempfile
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -59,9 +58,18 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     labels = meta["model"]["layer_labels"]
     assert labels == (["vision.0", "vision.1"] + (["text.0", "text.1"] if heads != "vision" else []))
     assert meta["model"]["options"]["classes"] == list(CLASSES)  # from the data's class folders
+    assert meta["precision"] == "fp32"  # no --precision, a cluster without GPUs: the exact default
     assert re.search(r"^name +rank", proc.stdout, re.M) and re.search(r"^(vision|text)\.\d\.\d ", proc.stdout, re.M)
     rankings = pq.read_table(os.path.join(out, "rankings.parquet"))
-    assert rankings.num_rows == 4 * len(labels) and np.isfinite(rankings["score"].to_numpy()).all()
+    skipped = [1] if kind == "llava" else []  # LLaVA reads vision layer 0's output (-2): layer 1 is not scanned
+    assert meta["plan"].get("skipped_layers", []) == skipped and list(map(int, meta["model"]["skipped_layers"])) == skipped
+    assert rankings.num_rows == 4 * (len(labels) - len(skipped)) and np.isfinite(rankings["score"].to_numpy()).all()
+    assert not set(rankings["layer"].to_pylist()) & set(skipped)
+    # what `show` prints (the scan prints it too): which layers were not scanned, and why
+    said = re.findall(r"^skipped +layers? (.*)$", proc.stdout, re.M)
+    assert said == (["vision.1 (4 heads, not scanned or ranked): vision_feature_layer -2: the language model reads "
+                     "the vision tower's hidden state after its layer 0, so the heads of the layers above it cannot "
+                     "change the logits"] if kind == "llava" else []), proc.stdout
     if kind != "llava":
         return
     # the same job in this process gives the same ranking
@@ -69,8 +77,35 @@ def test_scan_on_ray_ranks_every_head(tmp_path, data, kind, heads):
     local = Pipeline(Job(model=spec, data=data, out=str(tmp_path / "local"), config=FAST), progress=False)
     local.run_all()
     want = pq.read_table(str(tmp_path / "local" / "rankings.parquet"))
-    # the scores agree to float rounding (thread counts differ); LLaVA never reads its last vision layer, so
-    # that layer's heads tie at zero and their order is noise: compare head by head, not by rank
+    # the scores agree to float rounding (thread counts differ): compare head by head
     got, want = (t.sort_by([("layer", "ascending"), ("head", "ascending")]) for t in (rankings, want))
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
-    assert np.abs(got.filter(pc.equal(got["layer"], 1))["score"].to_numpy()).max() < 1e-6
+    assert got["layer"].to_pylist() == want["layer"].to_pylist()
+
+
+@pytest.mark.timeout(120)
+def test_an_hf_model_defaults_to_bf16_where_its_replicas_get_gpus(monkeypatch):
+    """No --precision: bf16 for an hf: model whose replicas run on GPUs (a cluster with GPUs and no
+    --gpus-per-replica, or --gpus-per-replica >= 1, or --device cuda), fp32 otherwise and for timm models.
+    The cluster here declares one GPU it does not have: only its resources are read."""
+    import ray
+
+    from cigma_ray.commands.options import ModelOptions, ScanOptions
+    from cigma_ray.commands.scan import Settings, replica_precision
+
+    def precision(model="hf:/models/x", address="local", gpus=None, device=None, given=None):
+        scan = ScanOptions(model=ModelOptions(model=model), data="d", out="o", device=device, precision=given)
+        settings = Settings(scan=scan, config=Config(), address=address, gpus_per_replica=gpus)
+        return replica_precision(settings, scan.model.spec(0))
+
+    assert precision(address=None) == "fp32" and precision(address=None, device="cuda") == "bf16"
+    assert precision(address=None, device="cuda", given="fp32") == "fp32"
+    assert precision(gpus=1) == "bf16" and precision(gpus=0) == "fp32"
+    assert precision(model="timm:vit_tiny_patch16_224", gpus=1) == "fp32"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert precision() == "bf16"  # replicas get the cluster's GPUs by default
+        assert precision(gpus=0) == "fp32" and precision(given="fp32") == "fp32"
+    finally:
+        ray.shutdown()

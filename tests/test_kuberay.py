@@ -477,3 +477,39 @@ def test_render_carries_a_vlms_options_and_classes_file(tmp_path, validators):
     assert argv[argv.index("--gpus-per-replica") + 1] == "4"
     assert main(["cluster", "render", *IMAGE, "--model", "hf:/models/x", "--classes", str(tmp_path / "missing.txt"),
                  "--data", "d", "--out", "o"]) == 2
+
+
+def test_render_sizes_worker_pods_from_the_plan(tmp_path, validators, capsys):
+    """An hf: model whose config.json is readable here: worker pods get `plan`'s host memory per replica (weights
+    streamed to the GPUs; held on the host by a CPU replica) plus the pod's Ray processes. Elsewhere (object
+    storage, timm) or with --memory given, the pods keep --memory."""
+    import math
+
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from cigma_ray.models.hf.sizes import read_config
+    from cigma_ray.plan import host_memory
+
+    from hf_configs import internvl2_26b
+
+    model = internvl2_26b(str(tmp_path / "InternVL2-26B"))
+    where = ["--data", "s3://my-bucket/images", "--out", "s3://my-bucket/runs/ivl"]
+
+    def worker_memory_of(path: Path) -> str:
+        job = ray_docs(path)[0]
+        assert problems(job, validators) == []
+        group = cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+        assert group["limits"]["memory"] == group["requests"]["memory"]
+        return group["limits"]["memory"]
+
+    config = read_config(model)
+    for gpus, precision in (("1", "bf16"), ("0", "fp32")):  # bf16 by default on GPUs, fp32 on CPUs
+        path = render(tmp_path, [*IMAGE, "--gpus-per-replica", gpus, "--model", f"hf:{model}", *where])
+        want = math.ceil((host_memory(config, precision, on_gpu=gpus == "1") + cluster.RAY_POD_OVERHEAD) / 2**30)
+        assert worker_memory_of(path) == f"{want}Gi"
+        assert f"--memory {want}Gi" in path.read_text().splitlines()[1]  # the header renders it again
+        assert f"worker pods get {want}Gi" in capsys.readouterr().err
+        assert (want < 10) if gpus == "1" else (want > 100)  # 26 B parameters: streamed to the GPU, or held in fp32
+    given = render(tmp_path, [*IMAGE, "--memory", "48Gi", "--model", f"hf:{model}", *where])
+    assert worker_memory_of(given) == "48Gi"
+    remote = render(tmp_path, [*IMAGE, "--model", "hf:s3://my-bucket/models/InternVL2-26B", *where])
+    assert worker_memory_of(remote) == "32Gi"

@@ -86,7 +86,7 @@ def test_class_scores_equal_brute_force_log_likelihoods(saved, kind, monkeypatch
 
     from cigma_ray.models.hf import vlm as hf_vlm
 
-    monkeypatch.setattr(hf_vlm, "CLASS_ROWS", 4)  # 2 images x 2 classes per continuation: the last chunk is padded
+    monkeypatch.setattr(hf_vlm, "LOGIT_ROWS", 1)  # the vocabulary projection in slices of one answer token
 
     lm = load(ModelSpec(f"hf:{saved[kind]}", classes=CLASSES, heads="vision+text"))
     model = lm.adapter.model
@@ -176,7 +176,7 @@ def test_unknown_architecture_is_named(saved, tmp_path):
     shutil.copytree(saved["llava"], path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
-    with pytest.raises(ModelError, match="model_type 'qwen2_vl'.*supported: clip, internvl, llava, llava_next"):
+    with pytest.raises(ModelError, match="model_type 'qwen2_vl'.*supported: clip, internvl, internvl_chat, llava, llava_next"):
         load(ModelSpec(f"hf:{path}", classes=("a", "b")))
 
 

@@ -9,36 +9,10 @@ from cigma_ray.cli import main  # noqa: E402
 from cigma_ray.models.hf.sizes import count_params, read_config  # noqa: E402
 from cigma_ray.plan import make_plan  # noqa: E402
 
+from hf_configs import internvl2_26b_hf as internvl2_26b  # noqa: E402
+from hf_configs import llava15_13b  # noqa: E402
+from hf_configs import internvl2_26b as internvl2_26b_published  # noqa: E402
 from hf_tiny import SAVERS  # noqa: E402
-
-
-def internvl2_26b(path: str) -> str:
-    """InternVL2-26B's public hyper-parameters in transformers' InternVL format: InternViT-6B-448px
-    (45 layers, 3200 wide, 25 heads, MLP 12800, patch 14, q/k RMS norms) and InternLM2-20B written
-    as a Llama (48 layers, 6144 wide, 48 heads, 8 KV heads, MLP 16384, vocabulary 92553)."""
-    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
-
-    InternVLConfig(vision_config=InternVLVisionConfig(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25,
-                                                      intermediate_size=12800, image_size=448, patch_size=14,
-                                                      use_qk_norm=True, norm_type="rms_norm"),
-                   text_config=LlamaConfig(hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
-                                           num_key_value_heads=8, intermediate_size=16384, vocab_size=92553,
-                                           tie_word_embeddings=False),
-                   downsample_ratio=0.5, image_seq_length=256, tie_word_embeddings=False).save_pretrained(path)
-    return path
-
-
-def llava15_13b(path: str) -> str:
-    """LLaVA-1.5-13B: CLIP ViT-L/14 at 336 px, Vicuna-13B, a two-layer MLP projector 1024 -> 5120 -> 5120."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                               intermediate_size=4096, image_size=336, patch_size=14),
-                text_config=LlamaConfig(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                                        num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
-                                        tie_word_embeddings=False),
-                vision_feature_layer=-2, vision_feature_select_strategy="default").save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("kind", list(SAVERS))
@@ -77,14 +51,14 @@ def test_llava15_13b_plan_is_plausible(tmp_path):
     assert p["params"]["total"] == pytest.approx(13.35e9, rel=0.02)
     assert p["params"]["projector"] == 1024 * 5120 + 5120 + 5120 * 5120 + 5120
     assert 26.7 < p["memory_gb"] < 40 and p["gpus_per_replica"] == 1
-    assert p["heads"] == 24 * 16
+    assert p["heads"] == 23 * 16 and p["unread_layers"] == 1  # it reads layer 23's output (-2): layer 24 is skipped
 
 
 def test_plan_command_prints_every_number(tmp_path, capsys):
     path = internvl2_26b(str(tmp_path / "m"))
     assert main(["plan", "--model", f"hf:{path}", "--gpu", "a100-40", "--images", "1000", "--rate", "8"]) == 0
     out = capsys.readouterr().out
-    for word in ("parameters 25.5", "GB per replica in bf16", "--gpus-per-replica 2", "4 replicas per 8-GPU node",
+    for word in ("parameters 25.5", "per replica in bf16 on 2 x a100-40", "--gpus-per-replica 2", "4 replicas per 8-GPU node",
                  "D = 400", "1125 scanned", "language model runs in full", "(measured, --rate)", "GPU-hours"):
         assert word in out, (word, out)
     assert "heads x D x 3, measure_fig" in out
@@ -94,3 +68,51 @@ def test_plan_command_prints_every_number(tmp_path, capsys):
     assert "D = 500" in out and "scan 1,125,000 (heads x D x 2)" in out
     assert main(["plan", "--model", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_plan_on_the_published_configs_counts_within_1_percent_and_prints_a_memory_table(tmp_path, capsys, monkeypatch):
+    """InternVL2-26B's config.json as published (internvl_chat, with an auto_map to code that is not there) and
+    LLaVA-1.5-13B's: read without running code and without a prompt; parameters within 1% of the published
+    25.5 B and 13.35 B; a memory row per stage, the micro-batches, host memory per replica."""
+    import builtins
+    import re
+
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("plan prompted"))
+    for path, published in ((internvl2_26b_published(str(tmp_path / "ivl")), 25.5e9),
+                            (llava15_13b(str(tmp_path / "llava")), 13.35e9)):
+        assert main(["plan", "--model", f"hf:{path}"]) == 0
+        out = capsys.readouterr().out
+        total = float(re.search(r"^parameters ([\d.]+) B", out, re.M)[1]) * 1e9
+        assert abs(total / published - 1) < 0.01, out
+        for row in ("weights ", "mask stage ", "scan ", "class scoring ", "peak "):
+            assert re.search(rf"^  {row}", out, re.M), (row, out)
+        assert re.search(r"^host +[\d.]+ GB per replica", out, re.M), out
+        assert "put `mask_micro_batch: " in out  # 64 images at once do not fit beside 13-26 B of weights
+
+
+def test_memory_table_follows_the_estimates_and_the_config(tmp_path):
+    """The replica's GPUs, its micro-batches and bytes per stage come from engine.memory's estimates: the
+    fewest GPUs holding the weights and one image of the mask stage (or the config's mask_micro_batch)."""
+    from cigma_ray.engine.memory import HOST_PROCESS, estimate_memory, micro_batches
+
+    config = read_config(internvl2_26b_published(str(tmp_path / "ivl")))
+    p = make_plan(config)
+    m, est = p["memory"], estimate_memory(config, params=p["params"]["total"])
+    fit = micro_batches(est, 80 * 10**9)
+    assert m["gpus"] == 1 and m["fit"] == fit and 1 <= fit["mask"] < 64
+    assert m["mask_micro_batch"] == m["mask_suggested"] == fit["mask"] and not m["mask_whole_batch"]
+    assert m["scan_batch"] == 64 <= fit["scan"]  # batch_size: all that fit, at most the config's
+    assert m["on_device"] == {"weights": est.weights, "mask": fit["mask"] * est.mask_per_image,
+                              "scan": 64 * est.scan_per_forward}
+    assert m["host"] == HOST_PROCESS + est.host_loading and m["host"] < 0.2 * est.weights  # no host copy of the weights
+    assert p["memory_gb"] * 1e9 == pytest.approx(est.weights + fit["mask"] * est.mask_per_image)
+
+    set_by_config = make_plan(config, mask_micro_batch=2, batch_size=16)["memory"]
+    assert set_by_config["mask_micro_batch"] == 2 and set_by_config["mask_suggested"] is None
+    assert set_by_config["scan_batch"] == 16
+    more = make_plan(config, mask_micro_batch=fit["mask"] + 1)["memory"]  # does not fit beside the weights on one
+    assert more["gpus"] == 2 and more["mask_micro_batch"] == fit["mask"] + 1
+    whole = make_plan(config, gpu="h200", mask_batch=4)["memory"]
+    assert whole["mask_whole_batch"] and whole["mask_micro_batch"] == 4 and whole["mask_suggested"] is None
+    with pytest.raises(ValueError, match="more than the 1 a10g GPU"):
+        make_plan(config, gpu="a10g", gpus_per_node=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import ConfigError
 from ..kuberay import (CLASSES_KEY, CONFIG_DIR, CONFIG_KEY, RAY_VERSION, REMOTE, ClusterSettings, check,
-                       render_text)
+                       render_text, worker_memory)
 from .options import ScanOptions, add_scan_args
 
 
@@ -35,7 +35,8 @@ def add_arguments(cluster: argparse.ArgumentParser) -> None:
     k8s.add_argument("--gpu-type", help="node label value for GPU nodes, e.g. NVIDIA-H100-80GB-HBM3 "
                      "(nvidia.com/gpu.product), or KEY=VALUE for another label")
     k8s.add_argument("--cpus-per-replica", type=int, default=4, help="CPUs per worker pod (default 4)")
-    k8s.add_argument("--memory", default="32Gi", help="memory per worker pod (default 32Gi)")
+    k8s.add_argument("--memory", help="memory per worker pod (default: for an hf: model whose config.json is readable "
+                     "here, `cigma-ray plan`'s host memory per replica rounded up to whole GiB; otherwise 32Gi)")
     k8s.add_argument("--secret", default="cigma-ray-s3", help="Secret whose keys become environment variables "
                      "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) on every Ray pod; '' for none (default cigma-ray-s3)")
     k8s.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="more environment variables for the "
@@ -60,10 +61,17 @@ def settings(args: argparse.Namespace) -> Settings:
     """Reject what the operator or the scan would reject later, before anything is written."""
     from ..models import ModelSpec, check_name
 
+    memory = args.memory
+    if memory is None:
+        memory = worker_memory(args.model, args.precision, args.gpus_per_replica)
+        if memory is not None:
+            print(f"cigma-ray cluster render: worker pods get {memory} of memory, the plan's host memory per replica "
+                  f"of {args.model} (--memory sets another)", file=sys.stderr)
     cluster = ClusterSettings(
         image=args.image, kind=args.kind, name=args.name, namespace=args.namespace, replicas=args.replicas,
         max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica, gpu_type=args.gpu_type,
-        cpus_per_replica=args.cpus_per_replica, memory=args.memory, secret=args.secret, env=tuple(args.env),
+        cpus_per_replica=args.cpus_per_replica, memory=memory or ClusterSettings.memory, secret=args.secret,
+        env=tuple(args.env),
         active_deadline_seconds=args.active_deadline_seconds, backoff_limit=args.backoff_limit,
         ray_version=args.ray_version)
     check(cluster)

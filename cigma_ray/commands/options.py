@@ -139,14 +139,16 @@ def add_scan_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, for_r
         p.add_argument("--out", required=True, help="run directory, as the pods see it (e.g. s3://bucket/runs/x)")
         p.add_argument("--config", help="YAML file of config keys; its content goes into a ConfigMap")
         p.add_argument("--device", help="passed to the scan (replicas with GPUs use CUDA anyway)")
-        p.add_argument("--precision", choices=["fp32", "bf16"], help="passed to the scan (default fp32)")
+        p.add_argument("--precision", choices=["fp32", "bf16"], help="passed to the scan (default: bf16 for an hf: "
+                       "model on GPUs, else fp32)")
         p.add_argument("--quiet", action="store_true", help="passed to the scan: no progress bars in the logs")
         return
     p.add_argument("--data", required=True, help="ImageFolder directory or Parquet table")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML file of config keys (see README)")
     p.add_argument("--device", help="cpu or cuda[:N] (default cpu; on Ray, cuda for replicas that hold GPUs)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 for an hf: model whose replicas run "
+                   "on GPUs (its weights load in bf16: half the memory; see README), fp32 otherwise (the exact path)")
 
 
 @dataclass(frozen=True)

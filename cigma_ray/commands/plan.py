@@ -1,11 +1,13 @@
-"""`cigma-ray plan --model hf:DIR`: memory, placement, forwards and time of a scan, from config.json alone."""
+"""`cigma-ray plan --model hf:DIR`: memory per stage, micro-batches, placement, host memory, forwards and time of
+a scan, from config.json alone (read without running the model's code; never prompts)."""
 from __future__ import annotations
 
 import argparse
 
 from .. import config as config_mod
 from ..config import ConfigError
-from ..plan import BYTES, GPUS, PlanSettings
+from ..engine.memory import BYTES
+from ..plan import GPUS, PlanSettings
 from .options import HEADS
 
 
@@ -17,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--images", type=int, default=10_000, help="images in the data set (default 10000)")
     p.add_argument("--accuracy", type=float, default=1.0, help="expected share classified correctly (default 1.0)")
-    p.add_argument("--config", help="the scan's YAML config file: tp_ratio, mask_steps and measure_fig come from it")
+    p.add_argument("--config", help="the scan's YAML config file: tp_ratio, mask_steps, measure_fig, mask_batch, "
+                   "mask_micro_batch and batch_size come from it")
     p.add_argument("--tp-ratio", type=float, help="config key tp_ratio (default: the config's, 0.4)")
     p.add_argument("--mask-steps", type=int, help="config key mask_steps (default: the config's, 250)")
     p.add_argument("--heads", default="vision", choices=HEADS)
@@ -31,7 +34,8 @@ def settings(args: argparse.Namespace) -> PlanSettings:
                         nodes=args.nodes, images=args.images, accuracy=args.accuracy,
                         tp_ratio=cfg.tp_ratio if args.tp_ratio is None else args.tp_ratio,
                         mask_steps=cfg.mask_steps if args.mask_steps is None else args.mask_steps, heads=args.heads,
-                        classes=args.classes, rate=args.rate, measure_fig=cfg.measure_fig)
+                        classes=args.classes, rate=args.rate, measure_fig=cfg.measure_fig, mask_batch=cfg.mask_batch,
+                        mask_micro_batch=cfg.mask_micro_batch, batch_size=cfg.batch_size)
 
 
 def run(s: PlanSettings) -> int:

@@ -44,6 +44,8 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
+    import contextlib
+
     from ..pipeline import Job, Pipeline
     from ..reports.run import top_heads_text
     from ..rundir import open_run
@@ -54,21 +56,45 @@ def run(s: Settings) -> int:
     scan = s.scan
     if s.address is None:
         job = Job(model=spec, data=scan.data, out=scan.out, config=s.config, device=check_device(scan.device or "cpu"),
-                  precision=scan.precision)
+                  precision=replica_precision(s, spec))
         Pipeline(job, progress=not scan.quiet).run_all()
     else:
-        from ..distributed import check_address, ray_executor
+        from ..distributed import check_address, ray_executor, ray_session
 
         check_address(s.address)
-        # the driver only validates: a vision-language model without its weights ("meta"), a timm model on
-        # its CPU; replicas use --device, or CUDA when they hold GPUs
-        job = Job(model=spec, data=scan.data, out=scan.out, config=s.config, device=scan.device or "cpu",
-                  precision=scan.precision)
-        pipeline = Pipeline(job, progress=not scan.quiet, load_device="meta")
-        with ray_executor(pipeline.job, s.address, s.replicas, s.cpus_per_replica, s.gpus_per_replica) as executor:
-            pipeline.run_all(executor)
+        with contextlib.ExitStack() as session:
+            if scan.precision is None and s.gpus_per_replica is None and spec.family == "hf":
+                session.enter_context(ray_session(s.address))  # whether replicas get GPUs decides the precision
+            precision = replica_precision(s, spec)
+            # the driver only validates: a vision-language model without its weights ("meta"), a timm model on
+            # its CPU; replicas use --device, or CUDA when they hold GPUs
+            job = Job(model=spec, data=scan.data, out=scan.out, config=s.config, device=scan.device or "cpu",
+                      precision=precision)
+            pipeline = Pipeline(job, progress=not scan.quiet, load_device="meta")
+            with ray_executor(pipeline.job, s.address, s.replicas, s.cpus_per_replica, s.gpus_per_replica) as executor:
+                pipeline.run_all(executor)
     print(top_heads_text(open_run(scan.out)))
     return 0
+
+
+def replica_precision(s: Settings, spec) -> str:
+    """--precision, or its default where the replicas run (engine.memory.default_precision): bf16 for an hf:
+    model on GPUs, fp32 otherwise. On Ray without --gpus-per-replica, replicas get GPUs when the cluster has
+    any, so for an hf: model this asks the cluster (connected by then)."""
+    from ..engine.memory import default_precision
+
+    if s.scan.precision:
+        return s.scan.precision
+    device = s.scan.device or "cpu"
+    if s.address is not None:
+        gpus = s.gpus_per_replica
+        if gpus is None and spec.family == "hf":
+            from ..distributed import cluster_has_gpus
+
+            gpus = 1.0 if cluster_has_gpus() else 0.0
+        if gpus:
+            device = "cuda"
+    return default_precision(spec.name, device)
 
 
 def dry_run(s: Settings, spec) -> int:

@@ -5,7 +5,9 @@ ids, layer range, input files); the actor reads its inputs from the run director
 unit's Parquet file itself and returns a small receipt. When an actor dies (its process, or its
 node), the unit it was running is charged one attempt and queued again, the units queued
 behind it go back without a charge, and a new actor takes its place. A unit that fails
-`max_attempts` times is given up and reported, and the rest of the stage goes on.
+`max_attempts` times is given up and reported, and the rest of the stage goes on. A unit whose
+model raised a ModelError (NaN or infinite logits, say: the same inputs fail the same way) is
+given up at once.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..config import ConfigError
+from ..models import ModelError
 from ..pipeline.executor import Failure
 from ..pipeline.units import Job, Unit
 from ..pipeline.worker import Worker
@@ -150,6 +153,10 @@ class RayExecutor:
                 try:
                     receipt = ray.get(ref)
                 except RayTaskError as e:  # the unit raised; the actor is fine
+                    if isinstance(e.cause, ModelError):  # the model fails on these inputs (non-finite logits, say):
+                        attempts[unit.file] = attempts.get(unit.file, 0) + 1  # another try would fail the same way
+                        failures.append(Failure(unit, attempts[unit.file], str(e.cause)))
+                        continue
                     charge(unit, str(e.cause) if e.cause else str(e))
                     continue
                 except RayActorError as e:  # the actor (or its node) died while running this unit

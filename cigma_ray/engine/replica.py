@@ -11,6 +11,8 @@ import torch
 from ..config import Config
 from ..method import bir, counterfactuals, foreground_cells, gains, optimise_masks, probs
 from ..models import LoadedModel
+from .checks import check_finite
+from .memory import micro_batches, replica_estimate, scan_batch
 from .scan import Ablated, batched, scan_heads
 
 PRECISIONS = ("fp32", "bf16")
@@ -55,6 +57,18 @@ class Replica:
         self.device = torch.device(device)
         self.precision = precision
         self.batch_size = batch_size
+        self.name = loaded.fingerprint.get("name", "the model")
+        self.estimate = self.device_bytes = None
+        self.gpus = 1
+        if self.device.type == "cuda":  # a large model's scan starts at a batch that fits (engine.memory)
+            self.estimate = replica_estimate(self.adapter, precision)
+            if self.estimate is not None:
+                self.device_bytes = torch.cuda.get_device_properties(self.device).total_memory
+                self.gpus = len({p.device for p in self.adapter.model.parameters() if p.device.type == "cuda"}) or 1
+                self.batch_size = scan_batch(batch_size, self.estimate, self.device_bytes, self.gpus)
+                if self.batch_size < batch_size:
+                    log.info("batch size %d (of batch_size %d) fits %s beside its weights", self.batch_size, batch_size,
+                             self.device)
 
     def upload(self, x: torch.Tensor) -> torch.Tensor:
         """To the device; from pinned host memory without blocking when it is a GPU."""
@@ -69,7 +83,7 @@ class Replica:
 
     def _logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.adapter.logits(x, keep).float()
+            return check_finite(self.adapter.logits(x, keep).float(), self.name)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -85,21 +99,36 @@ class Replica:
 
         The images are optimised as one batch whatever `batch_size` is: Adam's normalised steps
         amplify float rounding in near-zero gradients, so only a fixed batch composition (the
-        run's mask unit) gives masks that are reproducible bit for bit.
+        run's mask unit) gives masks that are reproducible bit for bit. Each step's forward and
+        backward may run in slices of the config's `mask_micro_batch` images, fixed per run too.
         """
         x = self.upload(images)
+        fits = self.mask_micro_batch_that_fits()
+        if fits is not None and (cfg.mask_micro_batch or len(x)) > fits:
+            log.warning("%d images per mask forward and backward may not fit on %s (estimate: %d); config key "
+                        "mask_micro_batch: %d would", cfg.mask_micro_batch or len(x), self.device, fits, fits)
         try:
             with torch.no_grad():
-                q = probs(self._logits(x), cfg.tau)
+                q = probs(batched(self._logits, x, cfg.mask_micro_batch or len(x)), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
-                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
+                                  micro_batch=cfg.mask_micro_batch).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
-            raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; lower the "
-                                         f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "
-                                         "it changes the masks") from e
+            estimate = f"; by the estimate {fits} fit, which `cigma-ray plan` prints too" if fits is not None else ""
+            raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; set the "
+                                         f"config key mask_micro_batch (now {cfg.mask_micro_batch}) to fewer images "
+                                         f"per forward and backward{estimate}, or lower mask_batch (now "
+                                         f"{cfg.mask_batch}), and use a new --out: both change the masks") from e
         fg = foreground_cells(mask, cfg.keep_ratio)
         fig, big = self.gains(images, fg, cfg.tau)
         return MaskResult(mask=mask, fg=fg, fig=fig, big=big, bir=torch.from_numpy(bir(fig.numpy(), big.numpy())))
+
+    def mask_micro_batch_that_fits(self) -> int | None:
+        """Images per mask forward and backward that fit on this GPU by engine.memory's estimate (None off GPUs
+        and for small models)."""
+        if self.estimate is None:
+            return None
+        return micro_batches(self.estimate, self.device_bytes, self.gpus)["mask"]
 
     def gains(self, images: torch.Tensor, fg: torch.Tensor, tau: float,
               keep: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +147,8 @@ class Replica:
         fixed = {layer: k[0] for layer, k in self.keep_without(list(removed)).items()}
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
-                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg), self.batch_size)
+                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg, model_name=self.name),
+            self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

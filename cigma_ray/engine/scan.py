@@ -15,6 +15,7 @@ import torch
 
 from ..method import js, probs
 from ..models import HeadAdapter
+from .checks import check_finite
 
 
 class Ablated(NamedTuple):
@@ -45,6 +46,7 @@ def scan_heads(
     on_pairs: Callable[[int], None] | None = None,
     removed: dict[int, torch.Tensor] | None = None,
     images_no_fg: torch.Tensor | None = None,
+    model_name: str = "the model",
 ) -> Ablated:
     """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i, and
     FIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-fg)) too when `images_no_fg` is given (1.5x the forwards).
@@ -89,7 +91,7 @@ def scan_heads(
                 else:
                     masks = {l: fixed(l, len(idx)) for l in base}
                     logits = adapter.logits(x[idx], {**masks, layer: keep})
-            q = probs(logits, tau).split(len(img))
+            q = probs(check_finite(logits.float(), model_name), tau).split(len(img))
             out[positions[head_pos], img] = js(q[0], q[1]).cpu()
             if out_fig is not None:
                 out_fig[positions[head_pos], img] = js(q[0], q[2]).cpu()

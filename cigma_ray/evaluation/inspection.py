@@ -29,9 +29,10 @@ class Stability:
 
 
 def first_round_deltas(run: Run, image_ids: list[int]) -> np.ndarray:
-    """The (heads, images) matrix of the run's score's terms in its first scan (every head, the intact model)."""
+    """The (heads, images) matrix of the run's score's terms in its first scan (every scanned head, the intact
+    model)."""
     cfg = run.config
-    units = scan_units(image_ids, cfg, run.heads_per_layer)
+    units = scan_units(image_ids, cfg, run.heads_per_layer, skipped=run.skipped_layers)
     return score_matrices(run.dir, units, run.heads, image_ids, [cfg.score])[cfg.score]
 
 

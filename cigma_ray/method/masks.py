@@ -54,23 +54,30 @@ def optimise_masks(
     l_1: float = 0.01,
     l_tv: float = 0.1,
     tau: float = 1.0,
+    micro_batch: int = 0,
 ) -> torch.Tensor:
     """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
 
     The per-image losses are summed, and Adam is elementwise, so each mask follows exactly the
-    trajectory it would follow alone.
+    trajectory it would follow alone. `micro_batch` > 0 runs each step's forward and backward
+    over slices of that many images (less memory) and takes one Adam step after them: the sum's
+    gradient for an image is its own loss's gradient either way, so the masks are those of the
+    whole batch wherever the model's forward gives an image the same result in a smaller batch.
     """
     n = images.shape[0]
     size = tuple(images.shape[-2:])
     base = baseline(images)
     theta = torch.zeros(n, mask_size, mask_size, device=images.device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=mask_lr)
+    step = micro_batch if 0 < micro_batch < n else n
     for _ in range(mask_steps):
-        mask = torch.sigmoid(theta)
-        keep_img = blend(images, upsample_soft(mask, size).to(images.dtype), base)
-        loss = mask_loss(q, probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            mask = torch.sigmoid(theta[rows])
+            keep_img = blend(images[rows], upsample_soft(mask, size).to(images.dtype), base[rows])
+            loss = mask_loss(q[rows], probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
+            loss.backward()
         opt.step()
     return torch.sigmoid(theta.detach())
 

@@ -71,7 +71,8 @@ class HeadGates:
             if x.shape[0] != keep.shape[0]:  # windows folded into the batch, image-major (timm's window_partition)
                 keep = keep.repeat_interleave(x.shape[0] // keep.shape[0], dim=0)
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (keep.shape[1],)
-            return (x * keep.to(x.dtype).view(shape),) + args[1:]
+            # a model split over devices runs each layer on its own one: the mask goes where the activations are
+            return (x * keep.to(device=x.device, dtype=x.dtype, non_blocking=True).view(shape),) + args[1:]
         return apply
 
     @contextlib.contextmanager
@@ -111,6 +112,22 @@ class HeadAdapter:
     def layer_labels(self) -> list[str]:
         """How people name each scanned layer ("0", "1", ...; a VLM's "vision.0", "text.0", ...)."""
         return [str(layer) for layer in range(self.num_layers)]
+
+    @property
+    def skipped_layers(self) -> dict[int, str]:
+        """Layers whose heads cannot change the logits, {layer: why}; they are not scanned."""
+        return {}
+
+    def memory_profile(self) -> dict | None:
+        """What engine.memory needs to estimate this model's memory per stage (a transformers config and the
+        prompt's token counts), or None where the model is small enough not to need it (timm, CLIP)."""
+        return None
+
+    @property
+    def scanned_heads(self) -> list[tuple[int, int]]:
+        """The heads a scan measures: every head but those of the skipped layers."""
+        skipped = self.skipped_layers
+        return [(layer, h) for layer, h in self.heads if layer not in skipped]
 
     def logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The whole model's logits, with optional keep-masks {layer: (B, heads)}."""

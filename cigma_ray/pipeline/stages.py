@@ -37,16 +37,18 @@ class Pipeline:
         self.source.check_classes(self.loaded.num_classes, job.model.name)
         self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter
-        if (self.cfg.rounds - 1) * self.cfg.k_per_round >= len(self.adapter.heads):
+        scanned = len(self.adapter.scanned_heads)  # heads of skipped layers cannot change the logits
+        if (self.cfg.rounds - 1) * self.cfg.k_per_round >= scanned:
             raise ConfigError(f"rounds={self.cfg.rounds} with k_per_round={self.cfg.k_per_round} would remove "
-                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {len(self.adapter.heads)} heads "
-                              "of the model before its last round; lower one of them")
-        resolve_k(self.cfg.top_k, len(self.adapter.heads))  # a top_k larger than the model is an error now, not later
+                              f"{(self.cfg.rounds - 1) * self.cfg.k_per_round} of the {scanned} heads the scan "
+                              "measures before its last round; lower one of them")
+        resolve_k(self.cfg.top_k, scanned)  # a top_k larger than the model is an error now, not later
         self._worker: Worker | None = None
         self.executor = executor or LocalExecutor(lambda: self.worker)
         self.run.check()
         self.manifest = build_manifest(self.cfg, self.loaded.fingerprint, self.adapter.heads_per_layer, job.data,
-                                       self.source.fingerprint(), len(self.source), self.source.classes, job.precision)
+                                       self.source.fingerprint(), len(self.source), self.source.classes, job.precision,
+                                       self.adapter.skipped_layers)
         check_compatible(self.run, self.manifest, job.out)
 
     @property
@@ -73,7 +75,8 @@ class Pipeline:
         return mask_units(selected, self.cfg)
 
     def scan_units(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> list[Unit]:
-        return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed)
+        return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed,
+                          sorted(self.adapter.skipped_layers))
 
     # -- stages ---------------------------------------------------------------------------
     def run_stage(self, name: str, units: list[Unit], work_of: Callable[[Unit], int], unit_name: str) -> None:
@@ -124,7 +127,8 @@ class Pipeline:
             selected = self.selected()
             self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
             rounds = []
-            for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer):
+            for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer,
+                                                 sorted(self.adapter.skipped_layers)):
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
                                lambda u: len(u.image_ids) * len(u.heads), "pair")
                 rounds.append(self.rank_round(selected, r, removed))
@@ -142,7 +146,7 @@ class Pipeline:
         missing = missing_units(self.run, units)
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
-        heads = [h for h in self.adapter.heads if h not in set(removed)]
+        heads = [h for h in self.adapter.scanned_heads if h not in set(removed)]
         names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
         table = rank_heads(score_matrices(self.run, units, heads, sorted(selected), names), heads, self.cfg)
         if self.cfg.rounds > 1:
@@ -164,7 +168,8 @@ def run_status(run: RunDir) -> dict:
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
         stages_units = [("mask", mask_units(selected, cfg))]
         stages_units += [("scan" if r == 0 else f"scan round {r}", units)
-                         for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"])]
+                         for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"],
+                                                        plan.get("skipped_layers", ()))]
         for name, units in stages_units:
             stages[name] = (len(units) - len(missing_units(run, units)), len(units))
     failures = run.read_folder("failures")

@@ -97,10 +97,11 @@ def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
 
 
 def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int], round: int = 0,
-               removed: list[tuple[int, int]] = ()) -> list[Unit]:
-    """Image shards x layer ranges; each unit names the mask files that hold its images."""
+               removed: list[tuple[int, int]] = (), skipped: Iterable[int] = ()) -> list[Unit]:
+    """Image shards x layer ranges; each unit names the mask files that hold its images. The heads of
+    `skipped` layers (run.json's plan.skipped_layers: heads that cannot change the logits) are in no unit."""
     size, batch = cfg.unit_images, cfg.mask_batch
-    gone = set(removed)
+    gone = set(removed) | {(l, h) for l in skipped for h in range(heads_per_layer[l])}
     units = []
     for k, ids in enumerate(shards(selected, size)):
         first, last = k * size // batch, (k * size + len(ids) - 1) // batch
@@ -117,13 +118,13 @@ def round_file(round: int) -> str:
     return f"rounds/round-{round:02d}.parquet"
 
 
-def scan_rounds(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: list[int]):
+def scan_rounds(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: list[int], skipped: Iterable[int] = ()):
     """(round, heads removed before it, its units) of each scan round in turn. A round after the first
     is known once the round before it is ranked (rounds/round-XX.parquet), so the generator stops at
     the first round whose predecessor has no ranking yet: rank each round before asking for the next."""
     removed: list[tuple[int, int]] = []
     for r in range(cfg.rounds):
-        yield r, list(removed), scan_units(selected, cfg, heads_per_layer, r, removed)
+        yield r, list(removed), scan_units(selected, cfg, heads_per_layer, r, removed, skipped)
         if r + 1 < cfg.rounds:
             if not run.exists(round_file(r)):
                 return

@@ -13,6 +13,7 @@ def run_summary(run: RunDir) -> str:
     lines = [f"run       {run.url}",
              f"model     {meta['model']['name']} ({meta['model']['weights']}, {meta['precision']})",
              f"data      {meta['data']['url']} ({meta['data']['n_images']} images, {len(meta['data']['classes'])} classes)"]
+    lines += skipped_lines(meta)
     preds = run.read_folder("predictions", columns=["correct"])
     if preds is not None:
         correct = int(np.sum(preds["correct"].to_numpy(zero_copy_only=False)))
@@ -32,6 +33,22 @@ def run_summary(run: RunDir) -> str:
         if units:
             lines.append(f"failures  {units} unit{'s' if units > 1 else ''} failed for good (see failures/)")
     return "\n".join(lines)
+
+
+def skipped_lines(meta: dict) -> list[str]:
+    """Layers whose heads were not scanned, and why (run.json's model.skipped_layers), layers with one reason
+    on one line."""
+    skipped = meta["model"].get("skipped_layers") or {}
+    labels = meta["model"].get("layer_labels") or [str(i) for i in range(len(meta["plan"]["heads_per_layer"]))]
+    by_reason: dict[str, list[int]] = {}
+    for layer, why in skipped.items():
+        by_reason.setdefault(why, []).append(int(layer))
+    lines = []
+    for why, layers in by_reason.items():
+        heads = sum(meta["plan"]["heads_per_layer"][layer] for layer in layers)
+        lines.append(f"skipped   layer{'s' if len(layers) > 1 else ''} {', '.join(labels[l] for l in sorted(layers))} "
+                     f"({heads} heads, not scanned or ranked): {why}")
+    return lines
 
 
 def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -> str:

@@ -20,16 +20,24 @@ def plan_hash(plan: dict) -> str:
 
 
 def build_manifest(config: Config, fingerprint: dict, heads_per_layer: list[int], data_url: str,
-                   data_fingerprint: str, n_images: int, classes: list[str], precision: str) -> dict:
-    """The content of run.json for a scan of this model (its loader's fingerprint) on this data."""
+                   data_fingerprint: str, n_images: int, classes: list[str], precision: str,
+                   skipped_layers: dict[int, str] | None = None) -> dict:
+    """The content of run.json for a scan of this model (its loader's fingerprint) on this data.
+
+    `skipped_layers` ({layer: why}, the adapter's) are layers whose heads cannot change the logits and
+    are not scanned: model.skipped_layers says why, plan.skipped_layers lists them (only when there are
+    any, so the plan hash of runs without skipped layers is what it always was)."""
     plan = {"unit_images": config.unit_images, "unit_layers": config.unit_layers, "n_images": n_images,
             "heads_per_layer": heads_per_layer}
+    if skipped_layers:
+        plan["skipped_layers"] = sorted(skipped_layers)
     return {
         "version": __version__,
         "config": config.to_dict(),
         "model": {**{k: fingerprint[k] for k in ("name", "model_kwargs", "img_size", "num_classes", "input_size",
                                                   "weights", "checkpoint")},
-                  "options": fingerprint.get("options"), "layer_labels": fingerprint.get("layer_labels")},  # hf: only
+                  "options": fingerprint.get("options"), "layer_labels": fingerprint.get("layer_labels"),  # hf: only
+                  "skipped_layers": {str(k): v for k, v in sorted((skipped_layers or {}).items())}},
         "data": {"url": data_url, "fingerprint": data_fingerprint, "n_images": n_images, "classes": classes},
         "precision": precision,
         "plan": {**plan, "hash": plan_hash(plan)},

@@ -63,12 +63,20 @@ class Run:
         return self.meta["plan"]["heads_per_layer"]
 
     @property
+    def skipped_layers(self) -> list[int]:
+        """Layers whose heads cannot change the logits and were not scanned (run.json's plan.skipped_layers)."""
+        return self.meta["plan"].get("skipped_layers", [])
+
+    @property
     def n_heads(self) -> int:
-        return sum(self.heads_per_layer)
+        """The heads the run scanned (and ranked)."""
+        return len(self.heads)
 
     @property
     def heads(self) -> list[tuple[int, int]]:
-        return [(layer, h) for layer, n in enumerate(self.heads_per_layer) for h in range(n)]
+        """The heads the run scanned: every head but those of the skipped layers."""
+        skipped = set(self.skipped_layers)
+        return [(layer, h) for layer, n in enumerate(self.heads_per_layer) if layer not in skipped for h in range(n)]
 
     @property
     def score(self) -> str:
@@ -179,4 +187,5 @@ class Scanned:
 
     @property
     def heads(self) -> list[tuple[int, int]]:
-        return self.loaded.adapter.heads
+        """The heads the run scanned (random controls are drawn from them)."""
+        return self.loaded.adapter.scanned_heads

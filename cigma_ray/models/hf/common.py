@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Callable
 
@@ -19,6 +20,8 @@ from ..base import HeadAdapter, HeadGates, ModelError, ModelSpec
 
 HEAD_CHOICES = ("vision", "vision+text")
 CACHE_ENV = "CIGMA_RAY_CACHE"  # where object-storage models are copied (default ~/.cache/cigma-ray)
+COMPLETE = ".complete"  # in a cached copy: every file is there
+log = logging.getLogger(__name__)
 OUTPUT_PROJECTIONS = ("out_proj", "o_proj", "projection_layer", "proj")  # CLIP/SigLIP, Llama/Qwen, InternViT, timm
 
 
@@ -28,10 +31,11 @@ def model_type(path: str) -> str:
         return json.load(f).get("model_type", "")
 
 
-def local_path(name: str) -> str:
-    """A local directory holding the model: PATH itself, a cached copy of a URL, or the local hub cache of an id."""
+def local_path(name: str, check_config: Callable[[dict], None] | None = None) -> str:
+    """A local directory holding the model: PATH itself, a cached copy of a URL, or the local hub cache of an id.
+    `check_config(config.json as a dict)` runs on a URL's config.json before any other file is copied."""
     if "://" in name and not name.startswith("file://"):
-        return copy_to_cache(name)
+        return copy_to_cache(name, check_config)
     path = name.removeprefix("file://")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -51,24 +55,58 @@ def local_path(name: str) -> str:
                          "and pass hf:s3://bucket/DIR") from None
 
 
-def copy_to_cache(url: str) -> str:
-    """Copy a model directory from object storage to a local cache once (a marker file says the copy is whole)."""
+def copy_to_cache(url: str, check_config: Callable[[dict], None] | None = None) -> str:
+    """This node's copy of a model directory on object storage, copied once per node.
+
+    The processes of a node (the replicas of a cluster node) share the cache (CIGMA_RAY_CACHE, default
+    ~/.cache/cigma-ray). The first to need a model takes a file lock, copies the directory into a
+    temporary directory beside its final place and renames it into place when every file is there;
+    the others wait on the lock, then use that copy. A copy cut short leaves only a temporary
+    directory, which the next copy removes. `check_config` sees the directory's config.json first: a
+    model cigma-ray cannot load is refused before tens of gigabytes of weights are copied.
+    """
+    import fcntl
+    import glob
+    import shutil
+    import tempfile
+
     import fsspec
 
-    local = os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/cigma-ray"), "models",
-                         hashlib.sha256(url.encode()).hexdigest()[:16])
-    if os.path.isfile(os.path.join(local, ".complete")):
+    cache = os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/cigma-ray"), "models")
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = os.path.join(cache, key)
+    if os.path.isfile(os.path.join(local, COMPLETE)):
         return local
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-        if not fs.isfile(root.rstrip("/") + "/config.json"):
-            raise ModelError(f"--model hf:{url}: no config.json there; copy a save_pretrained directory to it")
-        fs.get(root.rstrip("/") + "/", local + "/", recursive=True)
-    except ModelError:
-        raise
-    except Exception as e:  # noqa: BLE001 - missing packages, credentials, buckets: report and stop
-        raise ModelError(f"--model hf:{url}: cannot copy it ({type(e).__name__}: {e})") from None
-    open(os.path.join(local, ".complete"), "w").close()
+    os.makedirs(cache, exist_ok=True)
+    with open(local + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if os.path.isfile(os.path.join(local, COMPLETE)):  # another process of this node copied it meanwhile
+            return local
+        tmp = None
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+            root = root.rstrip("/")
+            if not fs.isfile(root + "/config.json"):
+                raise ModelError(f"--model hf:{url}: no config.json there; copy a save_pretrained directory to it")
+            if check_config is not None:
+                check_config(json.loads(fs.cat_file(root + "/config.json")))
+            for stale in glob.glob(os.path.join(cache, key + ".tmp-*")):  # left by a copy cut short
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = tempfile.mkdtemp(prefix=key + ".tmp-", dir=cache)
+            log.info("copying hf:%s to %s", url, local)
+            fs.get(root + "/", tmp + "/", recursive=True)
+            open(os.path.join(tmp, COMPLETE), "w").close()
+            if os.path.exists(local):  # a partial copy made by an older version, without the lock
+                shutil.rmtree(local)
+            os.rename(tmp, local)
+            tmp = None
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - missing packages, credentials, buckets: report and stop
+            raise ModelError(f"--model hf:{url}: cannot copy it ({type(e).__name__}: {e})") from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return local
 
 
@@ -141,6 +179,14 @@ def device_plan(device: str | torch.device, memory: list[int], headroom: float =
     if device.type != "cuda" or device.index is not None or len(memory) < 2:
         return None
     return {"device_map": "auto", "max_memory": {i: int(m * headroom) for i, m in enumerate(memory)}}
+
+
+def read_vision_layers(config, n_layers: int) -> int:
+    """How many vision layers (of `n_layers`) can change the logits: those up to the one whose output the
+    language model reads (`vision_feature_layer`: LLaVA reads the second-to-last, -2; InternVL the last). The
+    heads of the layers above it are not scanned (VLMAdapter.skipped_layers)."""
+    read = getattr(config, "vision_feature_layer", -1)
+    return max(i if i >= 0 else n_layers + 1 + i for i in (read if isinstance(read, (list, tuple)) else [read]))
 
 
 def check_spec(spec: ModelSpec) -> None:

@@ -4,7 +4,7 @@ PATH is a directory written by `save_pretrained` (weights, config.json, and the 
 tokenizer files), or an object-storage URL (s3://, gs://, ... through fsspec) of such a
 directory, copied once to a local cache. Which adapter a model gets is decided by
 `config.model_type` (ADAPTERS): CLIP in clip.py, the vision-language models in vlm.py (which
-says how to add another).
+says how to add another), InternVL2/2.5 as published (`internvl_chat`) in internvl_chat.py.
 """
 from __future__ import annotations
 
@@ -17,9 +17,17 @@ from ..base import ModelError, ModelSpec
 from ..registry import LoadedModel, register
 from .clip import load_clip
 from .common import check_spec, local_path, model_type, options, weights_fingerprint
+from .internvl_chat import load_internvl_chat
 from .vlm import ARCHITECTURES, load_vlm
 
-ADAPTERS = {"clip": load_clip, **{name: load_vlm for name in ARCHITECTURES}}
+ADAPTERS = {"clip": load_clip, **{name: load_vlm for name in ARCHITECTURES}, "internvl_chat": load_internvl_chat}
+
+
+def check_model_type(kind: str, name: str) -> None:
+    """An adapter exists for config.json's model_type (checked before any weights are copied)."""
+    if kind not in ADAPTERS:
+        raise ModelError(f"--model {name}: config.json has model_type {kind!r}, which cigma-ray has no adapter "
+                         f"for; supported: {', '.join(sorted(ADAPTERS))} (models/hf/vlm.py says how to add one)")
 
 
 @register("hf")
@@ -30,11 +38,9 @@ def load_hf(spec: ModelSpec, device: str | torch.device = "cpu", precision: str 
         import transformers  # noqa: F401
     except ImportError:
         raise ModelError(f"--model {spec.name}: needs the `hf` extra: pip install 'cigma-ray[hf]'") from None
-    path = local_path(spec.arch)
+    path = local_path(spec.arch, lambda config: check_model_type(config.get("model_type", ""), spec.name))
     kind = model_type(path)
-    if kind not in ADAPTERS:
-        raise ModelError(f"--model {spec.name}: config.json has model_type {kind!r}, which cigma-ray has no adapter "
-                         f"for; supported: {', '.join(sorted(ADAPTERS))} (models/hf/vlm.py says how to add one)")
+    check_model_type(kind, spec.name)
     adapter, transform = ADAPTERS[kind](spec, path, device, precision)
     with open(os.path.join(path, "config.json")) as f:
         config_hash = hashlib.sha256(f.read().encode()).hexdigest()[:16]

@@ -1,8 +1,9 @@
 """Vision-language models (LLaVA, LLaVA-NeXT, InternVL) as classifiers over a fixed class list.
 
 The prompt asks which of the classes the image shows. The image and prompt (the prefix) run once
-per image with the key/value cache on; then every class's answer tokens run together against
-copies of that cache, and a class's logit is the log-probability of its answer:
+per image with the key/value cache on; then every class's answer tokens run together in one
+forward against that one cache (a block-causal mask: each class's tokens see the prefix and their
+own class's earlier tokens), and a class's logit is the log-probability of its answer:
 
 - scoring "sequence" (default): the sum of its tokens' log-probabilities, log p(t1..tn | prefix).
   Summed log-probabilities favour short names, as likelihoods do; one-token classes need no
@@ -33,11 +34,11 @@ from PIL import Image
 from torch import nn
 
 from ..base import ModelError, ModelSpec
-from .common import HFAdapter, device_plan, find_heads, image_transform
+from .common import HFAdapter, device_plan, find_heads, image_transform, read_vision_layers
 
 DEFAULT_PROMPT = "Which of these is in the image: {classes}? Answer with one of them."
 SCORINGS = ("sequence", "first")
-CLASS_ROWS = 256  # (image, class) rows per continuation forward: bounds the copies of the cache
+LOGIT_ROWS = 256  # answer tokens per slice of the vocabulary projection in class scoring
 
 
 def plain_pixels(model: nn.Module, x: torch.Tensor) -> dict:
@@ -102,42 +103,52 @@ class VLMClassifier(nn.Module):
                              persistent=False)  # (C, longest), padded by repeating the last token (never scored)
         self.register_buffer("class_mask", torch.tensor([[j < len(ids) for j in range(longest)] for ids in class_ids]),
                              persistent=False)
-        params = inspect.signature(vlm.forward).parameters
+        params = inspect.signature(vlm.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed within transformers 5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        out = self.vlm(input_ids=self.prefix_ids.expand(b, -1), **self.arch.pixels(self.vlm, x), use_cache=True,
+        longer = self.scoring == "sequence" and self.class_ids.shape[1] > 1
+        out = self.vlm(input_ids=self.prefix_ids.expand(b, -1), **self.arch.pixels(self.vlm, x), use_cache=longer,
                        logits_to_keep=1)
         first = out.logits[:, -1].float().log_softmax(-1)  # (B, vocab): the answer's first token
         scores = first[:, self.class_ids[:, 0]]
-        if self.scoring == "first" or self.class_ids.shape[1] == 1:
+        if not longer:
             return scores
         cache = getattr(out, "cache", None) or out.past_key_values
         return scores + self.continuations(cache, b)
 
     def continuations(self, cache, b: int) -> torch.Tensor:
-        """(B, C): sum over each class's tokens 2..n of log p(t_j | prefix, t_1..t_j-1), classes in chunks.
+        """(B, C): sum over each class's tokens 2..n of log p(t_j | prefix, t_1..t_j-1).
 
-        Rows are image-major (image i's classes together), so the heads' keep-masks, given per
-        image, repeat over them as they do over an image's tiles. Right padding is harmless: a
-        causal model's real tokens never attend to the padding after them.
+        Every class's answer tokens go through one forward after the one cached copy of the
+        image+prompt prefix: each token attends to the prefix and to its own class's earlier
+        tokens (a block-causal mask), at the positions it would have after the prefix alone. So
+        memory grows with the classes' answer tokens, never with copies of the prefix's cache;
+        rows are images, so the heads' keep-masks apply as they are. The vocabulary projection
+        runs in slices of LOGIT_ROWS answer tokens.
         """
         n_classes, longest = self.class_ids.shape
-        chunk = min(n_classes, max(1, CLASS_ROWS // b))
-        cache.batch_repeat_interleave(chunk)  # once; each chunk's tokens are cropped off again after it
-        parts = []
-        for start in range(0, n_classes, chunk):
-            ids = self.class_ids[start: start + chunk]
-            mask = self.class_mask[start: start + chunk, 1:]
-            real = len(ids)
-            if real < chunk:  # the last chunk: fill its rows with copies of its first class, dropped below
-                ids, mask = (torch.cat([t, t[:1].expand(chunk - real, -1)]) for t in (ids, mask))
-            out = self.vlm(input_ids=ids[:, :-1].repeat(b, 1), **{self.cache_arg: cache}, use_cache=True)
-            cache.crop(-(longest - 1))
-            logp = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:].repeat(b, 1)[..., None])[..., 0]
-            parts.append((logp * mask.repeat(b, 1)).sum(-1).view(b, chunk)[:, :real])
-        return torch.cat(parts, dim=1)
+        device = self.class_ids.device
+        prefix = cache.get_seq_length()
+        real = self.class_mask[:, 1:]  # input token j of class c is needed iff its target j+1 exists
+        owner = torch.arange(n_classes, device=device)[:, None].expand(-1, longest - 1)[real]
+        step = torch.arange(longest - 1, device=device)[None].expand(n_classes, -1)[real]
+        inputs, targets = self.class_ids[:, :-1][real], self.class_ids[:, 1:][real]
+        n = len(inputs)
+        own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
+        allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), own], dim=1)
+        if getattr(self.vlm.config.get_text_config(), "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        else:
+            mask = allowed
+        out = self.vlm.model(input_ids=inputs.expand(b, -1), attention_mask=mask[None, None].expand(b, 1, -1, -1),
+                             position_ids=(prefix + step).expand(b, -1), **{self.cache_arg: cache}, use_cache=True)
+        hidden = out.last_hidden_state
+        logp = torch.cat([self.vlm.lm_head(hidden[:, s: s + LOGIT_ROWS]).float().log_softmax(-1)
+                          .gather(-1, targets[s: s + LOGIT_ROWS].expand(b, -1)[..., None])[..., 0]
+                          for s in range(0, n, LOGIT_ROWS)], dim=1)  # (B, n)
+        return torch.zeros(b, n_classes, device=logp.device, dtype=logp.dtype).index_add(1, owner.to(logp.device), logp)
 
 
 class VLMAdapter(HFAdapter):
@@ -169,6 +180,25 @@ class VLMAdapter(HFAdapter):
             params = list(inspect.signature(self.layers[0].forward).parameters.values())[1:]
             self.layer_nones = [None] * sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                                             for p in params)
+
+    @property
+    def skipped_layers(self) -> dict[int, str]:
+        """The vision layers above the one the language model reads (LLaVA reads the second-to-last)."""
+        n = len(self.layers) if self.layers is not None else len(find_heads(self.vision))
+        read = getattr(self.model.vlm.config, "vision_feature_layer", -1)
+        top = read_vision_layers(self.model.vlm.config, n)
+        why = (f"vision_feature_layer {read}: the language model reads the vision tower's hidden state after its "
+               f"layer {top - 1}, so the heads of the layers above it cannot change the logits")
+        return {layer: why for layer in range(top, n)}
+
+    def memory_profile(self) -> dict:
+        """engine.memory.estimate_memory's arguments for this classifier: its config, parameters, and the real
+        token counts of its prefix (the image's tokens and the question) and of its classes' answers."""
+        classes = self.model.class_ids.shape[0]
+        return {"config": self.model.vlm.config, "classes": classes,
+                "class_tokens": max(1, round(int(self.model.class_mask.sum()) / classes)),  # per class, on average
+                "prefix_tokens": int(self.model.prefix_ids.shape[1]),
+                "params": sum(p.numel() for p in self.model.parameters())}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
@@ -209,13 +239,17 @@ def reads_last_layers_only(config, n_layers: int) -> bool:
 def stand_ins(layers, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, each of `layers` returns fn(its input) instead of computing (hooks still see it)."""
     layers = list(layers)
+    previous = [layer.__dict__.get("forward") for layer in layers]  # e.g. the forward accelerate's hooks install
     for layer in layers:
         layer.forward = lambda hidden_states, *args, **kwargs: fn(hidden_states)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def prefix_text(processor, question: str) -> str:
@@ -242,10 +276,8 @@ def class_token_ids(tokenizer, classes: tuple[str, ...], scoring: str) -> list[l
     return ids
 
 
-def load_vlm(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tuple[VLMAdapter, object]:
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
-
+def question_of(spec: ModelSpec) -> str:
+    """The VLM question of a spec (checked), with {classes} still in it."""
     if spec.scoring not in SCORINGS:
         raise ModelError(f"--scoring {spec.scoring!r}: use one of {', '.join(SCORINGS)}")
     if len(spec.prompts) > 1:
@@ -253,6 +285,33 @@ def load_vlm(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tup
     question = spec.prompts[0] if spec.prompts else DEFAULT_PROMPT
     if "{classes}" not in question:
         raise ModelError(f"--prompt {question!r}: the question must list the classes with {{classes}}, e.g. {DEFAULT_PROMPT!r}")
+    return question
+
+
+def weights_dtype(precision: str, device) -> torch.dtype:
+    """The weights in bf16 only for a bf16 run on a GPU; fp32 runs (the exact ones) keep fp32 weights."""
+    return torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else torch.float32
+
+
+def without_leading_bos(text: str, tokenizer) -> str:
+    """A chat template that writes BOS itself, tokenized by a tokenizer that adds BOS, would give two."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return text[len(bos):]
+    return text
+
+
+def place_buffers(model: VLMClassifier, device) -> None:
+    """The prompt and class buffers go where the inputs go."""
+    for name in ("prefix_ids", "class_ids", "class_mask"):
+        setattr(model, name, getattr(model, name).to(device))
+
+
+def load_vlm(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tuple[VLMAdapter, object]:
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    question = question_of(spec)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     arch = ARCHITECTURES[config.model_type]
     size = arch.input_size(config)
@@ -261,24 +320,23 @@ def load_vlm(spec: ModelSpec, path: str, device, precision: str = "fp32") -> tup
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"--model {spec.name}: cannot read its processor ({e}); save it with the model "
                          "(processor.save_pretrained(DIR))") from None
-    text = prefix_text(processor, question.format(classes=", ".join(spec.classes)))
+    text = without_leading_bos(prefix_text(processor, question.format(classes=", ".join(spec.classes))), processor.tokenizer)
     dummy = Image.new("RGB", (size, size))
     prefix_ids = processor(text=text, images=dummy, return_tensors="pt", **arch.processor_kwargs)["input_ids"]
     class_ids = class_token_ids(processor.tokenizer, spec.classes, spec.scoring)
 
     model_class = getattr(transformers, arch.model_class)
-    if torch.device(device).type == "meta":  # the structure only (a Ray driver): no weights are read
+    device = torch.device(device)
+    if device.type == "meta":  # the structure only (a Ray driver): no weights are read
         with torch.device("meta"):
             vlm = model_class._from_config(config)
         return VLMAdapter(VLMClassifier(vlm.eval(), arch, prefix_ids, class_ids, spec.scoring), spec.heads,
                           (size, size), placed=False), image_transform(path, (size, size))
     placement = device_plan(device, [torch.cuda.get_device_properties(i).total_memory
                                      for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
-    # the weights in bf16 only for a bf16 run on a GPU; fp32 runs (the exact ones) keep fp32 weights
-    dtype = torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else torch.float32
-    vlm = model_class.from_pretrained(path, local_files_only=True, dtype=dtype, **(placement or {}))
+    # straight to the device in the run's dtype: one GPU gets the whole model, several a split one
+    vlm = model_class.from_pretrained(path, local_files_only=True, dtype=weights_dtype(precision, device),
+                                      **(placement or {"device_map": {"": device}}))
     model = VLMClassifier(vlm.eval(), arch, prefix_ids, class_ids, spec.scoring)
-    if placement is not None:  # the buffers go where the inputs go, the first GPU
-        model.prefix_ids, model.class_ids, model.class_mask = (t.to("cuda:0") for t in
-                                                               (model.prefix_ids, model.class_ids, model.class_mask))
-    return VLMAdapter(model, spec.heads, (size, size), placed=placement is not None), image_transform(path, (size, size))
+    place_buffers(model, "cuda:0" if placement is not None else device)
+    return VLMAdapter(model, spec.heads, (size, size), placed=True), image_transform(path, (size, size))
