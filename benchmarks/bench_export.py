@@ -17,10 +17,16 @@ from pathlib import Path
 import torch
 
 from cigma_ray.bench import machine
-from cigma_ray.models.surgery import (attentions_of, heads_per_layer_of, parameters, plain_timm_model, smaller_model,
-                                      zeroed_state_dict)
-from cigma_ray.models import ModelSpec, load
 from cigma_ray.evaluation import random_heads
+from cigma_ray.models import ModelSpec, load
+from cigma_ray.models.surgery import (
+    attentions_of,
+    heads_per_layer_of,
+    parameters,
+    plain_timm_model,
+    smaller_model,
+    zeroed_state_dict,
+)
 
 RESULTS = Path(__file__).parent / "results"
 

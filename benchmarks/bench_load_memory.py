@@ -73,8 +73,9 @@ def save_llava(path: str, tiny: bool = False) -> None:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from hf_tiny import clip_vision_config, image_processor, llama_config, tokenizer
     from transformers import LlavaProcessor
+
+    from hf_tiny import clip_vision_config, image_processor, llama_config, tokenizer
 
     tok = tokenizer(("<image>",))
     text = llama_config(len(tok))

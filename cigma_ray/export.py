@@ -17,8 +17,17 @@ from . import __version__
 from .config import ConfigError
 from .engine import Replica
 from .models import ModelError
-from .models.surgery import (attentions_of, heads_per_layer_of, kept_heads, parameters, plain_timm_model, save_smaller,
-                             smaller_model, timm_kwargs, zeroed_state_dict)
+from .models.surgery import (
+    attentions_of,
+    heads_per_layer_of,
+    kept_heads,
+    parameters,
+    plain_timm_model,
+    save_smaller,
+    smaller_model,
+    timm_kwargs,
+    zeroed_state_dict,
+)
 from .rundir import Run, StorageError, open_run, top_heads
 
 CHECK_INPUTS = 2  # random inputs each saved model is compared on

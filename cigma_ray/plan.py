@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .engine.memory import BYTES, RESERVE, estimate_memory, host_bytes, micro_batches
+from .engine.memory import RESERVE, estimate_memory, host_bytes, micro_batches
 from .models.hf.sizes import count_params, heads_of, read_vision_layers, tokens_per_forward
 
 GB = 1e9

@@ -45,8 +45,15 @@ def test_mask_stage_estimate_follows_what_autograd_keeps(kind):
     """One image through a VLM classifier (prompt, 5 classes of 3 tokens) with a gradient to its pixels:
     the estimate is within 0.7x-1.3x of the bytes autograd keeps (SDPA on the CPU, fp32), at widths
     where the per-token terms dominate as they do in real models."""
-    from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from cigma_ray.models.hf.sizes import image_tokens
     from cigma_ray.models.hf.vlm import ARCHITECTURES, VLMClassifier

@@ -486,10 +486,10 @@ def test_render_sizes_worker_pods_from_the_plan(tmp_path, validators, capsys):
     import math
 
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from hf_configs import internvl2_26b
+
     from cigma_ray.models.hf.sizes import read_config
     from cigma_ray.plan import host_memory
-
-    from hf_configs import internvl2_26b
 
     model = internvl2_26b(str(tmp_path / "InternVL2-26B"))
     where = ["--data", "s3://my-bucket/images", "--out", "s3://my-bucket/runs/ivl"]

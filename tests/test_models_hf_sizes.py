@@ -9,13 +9,15 @@ import torch
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
-from cigma_ray.models import ModelError, ModelSpec  # noqa: E402
+from hf_configs import INTERNVL2_26B, llava15_13b_config  # noqa: E402
+
+from cigma_ray.models import ModelError  # noqa: E402
 from cigma_ray.models.hf.internvl_chat import native_config, with_defaults  # noqa: E402
 from cigma_ray.models.hf.sizes import count_params, internvl_chat_params, read_config  # noqa: E402
 
 from helpers import INTERNVL2 as V2  # noqa: E402
-from hf_configs import INTERNVL2_26B, llava15_13b_config  # noqa: E402
 from helpers import needs_internvl_chat as needs_fixture  # noqa: E402
+
 
 def meta_count(config) -> int:
     import transformers

@@ -5,13 +5,14 @@ import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
+from hf_configs import internvl2_26b as internvl2_26b_published  # noqa: E402
+from hf_configs import internvl2_26b_hf as internvl2_26b  # noqa: E402
+from hf_configs import llava15_13b  # noqa: E402
+
 from cigma_ray.cli import main  # noqa: E402
 from cigma_ray.models.hf.sizes import count_params, read_config  # noqa: E402
 from cigma_ray.plan import make_plan  # noqa: E402
 
-from hf_configs import internvl2_26b_hf as internvl2_26b  # noqa: E402
-from hf_configs import llava15_13b  # noqa: E402
-from hf_configs import internvl2_26b as internvl2_26b_published  # noqa: E402
 from hf_tiny import SAVERS  # noqa: E402
 
 

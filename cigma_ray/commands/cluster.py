@@ -9,8 +9,17 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..config import ConfigError
-from ..kuberay import (CLASSES_KEY, CONFIG_DIR, CONFIG_KEY, RAY_VERSION, REMOTE, ClusterSettings, check,
-                       render_text, worker_memory)
+from ..kuberay import (
+    CLASSES_KEY,
+    CONFIG_DIR,
+    CONFIG_KEY,
+    RAY_VERSION,
+    REMOTE,
+    ClusterSettings,
+    check,
+    render_text,
+    worker_memory,
+)
 from .options import ScanOptions, add_scan_args
 
 

@@ -20,8 +20,17 @@ from ..progress import progress_bar
 from ..rundir import RunDir, build_manifest, check_compatible
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
-from .units import (Job, Unit, mask_units, missing_units, predict_units, round_file, scan_rounds, scan_units,
-                    select_images)
+from .units import (
+    Job,
+    Unit,
+    mask_units,
+    missing_units,
+    predict_units,
+    round_file,
+    scan_rounds,
+    scan_units,
+    select_images,
+)
 from .worker import Worker, failure_table
 
 

@@ -8,8 +8,8 @@ draws what the run's files and evaluation.inspection hold; it computes nothing i
 from __future__ import annotations
 
 import base64
-import io
 import html
+import io
 import json
 import posixpath
 
