@@ -1,12 +1,19 @@
 """Shared fixtures, in one place: generated image folders, a small checkpoint, and a finished run of it."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from cigma_ray.config import Config
+# Idle OpenMP threads sleep instead of spinning: the tests start subprocesses (CLI runs, Ray replicas) that
+# share the cores, and spinning threads made torch 10-100x slower on a busy 2-core machine. Set before torch
+# loads its OpenMP runtime; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from helpers import VIT_KINDS, finished_run, perturb, write_folder
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cigma_ray.config import Config  # noqa: E402
+
+from helpers import VIT_KINDS, finished_run, perturb, write_folder  # noqa: E402
 
 torch.set_num_threads(2)
 
