@@ -16,7 +16,7 @@ from cigma_ray.method import counterfactuals, head_scores, js, probs
 from cigma_ray.models.attention import find_attentions
 from cigma_ray.models.surgery import zeroed_head
 from cigma_ray.pipeline import Pipeline, Worker, run_status, select_images
-from cigma_ray.rundir import RunDir
+from cigma_ray.rundir import RunDir, StorageError
 
 from helpers import FAST, cli, job, model_args, rankings, write_folder
 
@@ -141,8 +141,9 @@ def test_rank_refuses_deltas_that_miss_or_repeat_cells(tmp_path, image_folder, t
     Pipeline(j, progress=False).run_all()
     run = RunDir(j.out)
     first, second = run.list("deltas")[:2]
-    run.write_table(f"deltas/{second}", run.read_table(f"deltas/{first}"))  # first's cells twice, second's none
-    with pytest.raises(RuntimeError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
+    # first's cells twice, second's none: whole files with matching receipts, so only the ranking can tell
+    run.write_unit(f"deltas/{second}", run.read_table(f"deltas/{first}"))
+    with pytest.raises(StorageError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
         Pipeline(j, progress=False).run_all()
 
 
@@ -207,3 +208,64 @@ def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny
     assert "bir_drop" not in pq.read_table(os.path.join(out, "rankings.parquet")).column_names
     bad = cli("sweep", out, "--k", "1", "--scores", "bir_drop", check=False)
     assert bad.returncode == 2 and "did not measure FIG" in bad.stderr
+
+
+def test_damaged_unit_files_are_reported_and_redone(tmp_path, fast_run, monkeypatch, capsys):
+    """Unit files are checked against the sha256 of their receipts: `status` names damaged ones, a re-run redoes
+    exactly those (a file from before receipts were kept is checked by parsing it, then adopted), and ranking
+    never meets a truncated file."""
+    import shutil
+
+    from cigma_ray.cli import main
+    from cigma_ray.pipeline import Job
+
+    out = str(tmp_path / "run")
+    shutil.copytree(fast_run, out)
+    run = RunDir(out)
+    before = rankings(out)
+    deltas, masks = run.list("deltas"), run.list("masks")
+    truncated, flipped, legacy = f"deltas/{deltas[1]}", f"masks/{masks[0]}", f"deltas/{deltas[0]}"
+    with open(run.path(truncated), "r+b") as f:
+        f.truncate(os.path.getsize(run.path(truncated)) // 2)
+    with open(run.path(flipped), "r+b") as f:  # same size, one byte changed
+        f.seek(os.path.getsize(run.path(flipped)) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.remove(run.path("receipts", legacy + ".json"))
+
+    status = run_status(run)
+    assert set(status["damaged"]) == {truncated, flipped}
+    assert "checksum mismatch" in status["damaged"][truncated] and "bytes" in status["damaged"][truncated]
+    assert status["stages"]["mask"][1] - status["stages"]["mask"][0] == 1
+    assert status["stages"]["scan"][1] - status["stages"]["scan"][0] == 1  # the legacy file counts as done
+    assert main(["status", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"damaged  {truncated}: checksum mismatch" in printed and "run the same scan command again" in printed
+
+    done = []
+    original = Worker.run_unit
+    monkeypatch.setattr(Worker, "run_unit", lambda self, unit, cb=None: done.append(unit.file) or original(self, unit, cb))
+    meta = run.read_json("run.json")
+    Pipeline(Job.of_run(meta, out), progress=False).run_all()
+    assert sorted(done) == sorted([truncated, flipped])
+    assert "redoing 1 damaged unit file(s): masks/" in capsys.readouterr().err
+    assert rankings(out).equals(before)
+    assert run.exists("receipts", legacy + ".json")  # adopted: checked by checksum from now on
+    assert run_status(run)["damaged"] == {}
+
+
+def test_a_damaged_file_outside_units_is_a_named_error(tmp_path, scored_run, capsys):
+    """A truncated rankings.parquet: `show` says which file and what to do, exit 2, no ArrowInvalid traceback."""
+    import shutil
+
+    from cigma_ray.cli import main
+
+    out = str(tmp_path / "run")
+    shutil.copytree(scored_run, out)
+    path = os.path.join(out, "rankings.parquet")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    assert main(["show", out]) == 2
+    err = capsys.readouterr().err
+    assert "rankings.parquet is damaged" in err and "Traceback" not in err and len(err.splitlines()) <= 2

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from ..config import Config
 from ..method import head_scores, ranks, score_terms
-from ..rundir import RunDir
+from ..rundir import RunDir, StorageError
 from .units import Unit
 
 
@@ -60,14 +60,14 @@ def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]],
         known_head = (layer < head_index.shape[0]) & (head < head_index.shape[1])
         r = np.where(known_head, head_index[np.where(known_head, layer, 0), np.where(known_head, head, 0)], -1)
         if (r < 0).any() or (ids[c] != image).any():
-            raise RuntimeError(f"{unit.file} holds a head or image this run does not scan: remove the run's deltas/ "
-                               "folder and scan again")
+            raise StorageError(f"{run.url}: {unit.file} holds a head or image this run does not scan: remove the "
+                               "run's deltas/ folder and scan again")
         terms = score_terms(*(t[k].to_numpy() for k in columns[3:]))
         for name in names:
             matrices[name][r, c] = terms[name]
         np.add.at(filled, (r, c), 1)
     if (filled != 1).any():
         bad = int((filled != 1).sum())
-        raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
-                           f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
+        raise StorageError(f"{run.url}: deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} "
+                           f"images ({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
     return matrices

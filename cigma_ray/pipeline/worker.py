@@ -41,8 +41,8 @@ class Worker:
         """Do one unit and write its file; returns a small receipt (never tensors or rows)."""
         start = time.perf_counter()
         table = getattr(self, f"_{unit.stage}")(unit, on_progress or (lambda n: None))
-        checksum = self.run.write_table(unit.file, table)
-        return {"file": unit.file, "rows": table.num_rows, "sha256": checksum, "seconds": time.perf_counter() - start}
+        receipt = self.run.write_unit(unit.file, table)  # the file, then its receipt with the sha256
+        return {**receipt, "seconds": time.perf_counter() - start}
 
     def _predict(self, unit: Unit, progress) -> pa.Table:
         images, ok = self._images(unit)

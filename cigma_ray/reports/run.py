@@ -83,6 +83,12 @@ def status_text(run: RunDir, status: dict) -> str:
     if "mask" not in status["stages"]:
         lines.append("mask, scan: planned once predict is complete")
     lines.append(f"ranked   {'yes' if status['ranked'] else 'no'}")
+    damaged = status.get("damaged", {})
+    for file, why in damaged.items():
+        lines.append(f"damaged  {file}: {why}")
+    if damaged:
+        lines.append(f"{len(damaged)} damaged unit file(s), counted as missing: run the same scan command again to "
+                     "redo them (rankings.parquet is made again from whole files)")
     units = [f for f in status["failures"] if f["kind"] == "unit"]
     for f in units:
         lines.append(f"failed   {f['unit']} after {f['attempts']} attempts: "
