@@ -19,7 +19,7 @@ from .engine import Replica
 from .models import ModelError
 from .models.surgery import (attentions_of, heads_per_layer_of, kept_heads, parameters, plain_timm_model, save_smaller,
                              smaller_model, timm_kwargs, zeroed_state_dict)
-from .rundir import Run, StorageError, open_run, top_heads
+from .rundir import Run, StorageError, open_run
 
 CHECK_INPUTS = 2  # random inputs each saved model is compared on
 
@@ -57,7 +57,7 @@ def chosen_heads(run: Run, k: int | None, heads: str | None,
         if score is not None:
             run.parse_scores(score)
         score_name = score or run.score
-        chosen, how = top_heads(rankings, k, score=score), f"top {k} of rankings.parquet by {score_name}"
+        chosen, how = run.top_heads(k, score), f"top {k} of rankings.parquet by {score_name}"
     if rankings is None:
         return chosen, how, []
     by_head = {(r["layer"], r["head"]): r for r in rankings.to_pylist()}

@@ -187,6 +187,7 @@ def test_iterative_rounds_rescan_the_rest_on_the_pruned_model(tmp_path, image_fo
     assert final["rank"].to_pylist() == list(range(1, len(p.adapter.heads) + 1))
     assert final["round"].to_pylist() == [0, 0, 1, 1] + [2] * (len(p.adapter.heads) - 4)
     assert list(zip(final["layer"].to_pylist(), final["head"].to_pylist()))[:4] == removed[:4]
+    assert_one_notion_of_rank(p.job.out, removed[:4])
     status = run_status(run)["stages"]
     shards = -(-masks.num_rows // FAST.unit_images)
     assert status["scan"] == status["scan round 1"] == status["scan round 2"] == (shards, shards)
@@ -269,3 +270,53 @@ def test_a_damaged_file_outside_units_is_a_named_error(tmp_path, scored_run, cap
     assert main(["show", out]) == 2
     err = capsys.readouterr().err
     assert "rankings.parquet is damaged" in err and "Traceback" not in err and len(err.splitlines()) <= 2
+
+
+def assert_one_notion_of_rank(out: str, removed: list) -> None:
+    """prune, sweep and --auto-k (control_heads, the run's top_heads), export (chosen_heads), show (the printed table)
+    and report (the heads listed) remove or show the same heads, for every K: the removed heads first, in order."""
+    from cigma_ray.evaluation.experiments import control_heads
+    from cigma_ray.export import chosen_heads
+    from cigma_ray.reports.pruning import heads_lines
+    from cigma_ray.reports.run import top_heads_text
+    from cigma_ray.rundir import open_run
+
+    run = open_run(out)
+    table = run.rankings()
+    order = list(zip(table.sort_by("rank")["layer"].to_pylist(), table.sort_by("rank")["head"].to_pylist()))
+    assert order[: len(removed)] == removed
+    assert table[f"{run.score}_rank"].to_pylist() == table["rank"].to_pylist()
+    for k in range(1, run.n_heads + 1):
+        prune = control_heads(run, run.heads, k, [0], [run.score])[0][2]
+        export = chosen_heads(run, k, None, run.score)[0]
+        shown = [tuple(map(int, line.split()[1:3])) for line in top_heads_text(run, k).splitlines()[-k:]]
+        listed = heads_lines(run, [k], [run.score])[0].split(": ", 1)[1].split()
+        assert prune == export == shown == order[:k] == [tuple(map(int, h.split("."))) for h in listed], k
+
+
+def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_run, image_folder):
+    """An image unreadable in round 1's scan is recorded under round 1's unit, never over round 0's failures file."""
+    import shutil
+    from dataclasses import replace
+
+    from cigma_ray.pipeline import Job
+    from cigma_ray.pipeline.units import scan_units
+
+    out, data = str(tmp_path / "run"), str(tmp_path / "data")
+    shutil.copytree(fast_run, out)
+    shutil.copytree(image_folder, data)
+    run = RunDir(out)
+    job = replace(Job.of_run(run.read_json("run.json"), out), data=data)
+    worker = Worker(job)
+    selected = sorted(run.read_folder("masks")["image_id"].to_pylist())
+    heads_per_layer = worker.loaded.adapter.heads_per_layer
+    round0 = scan_units(selected, job.config, heads_per_layer)[0]
+    round1 = scan_units(selected, job.config, heads_per_layer, 1, [(0, 0)])[0]
+    assert round0.failure_file != round1.failure_file
+    with open(worker.source.records[round1.image_ids[0]].path, "wb") as f:
+        f.write(b"no longer an image")
+    worker.run_unit(round1)
+    assert not run.exists(round0.failure_file)
+    failures = run.read_table(round1.failure_file).to_pylist()
+    assert [(f["kind"], f["unit"], f["image_id"]) for f in failures] == [("image", round1.file, round1.image_ids[0])]
+    assert round1.file.startswith("deltas/round-01/")

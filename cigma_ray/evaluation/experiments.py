@@ -11,7 +11,7 @@ from ..config import Config
 from ..engine import Replica
 from ..method import bir_statistics, bootstrap, prediction_statistics, probs
 from ..progress import progress_bar
-from ..rundir import Scanned, top_heads
+from ..rundir import Run, Scanned
 from .evalsets import EvalSet
 
 # A pruned model has collapsed when its accuracy is within COLLAPSE_MARGIN of chance and removing the
@@ -52,13 +52,13 @@ def collapsed(row: dict, chance: float) -> bool:
     return row["accuracy"] <= chance + COLLAPSE_MARGIN and row["fig"] < COLLAPSE_GAIN and row["big"] < COLLAPSE_GAIN
 
 
-def control_heads(rankings: pa.Table, heads: list[tuple[int, int]], k: int, seeds: list[int],
+def control_heads(run: Run, heads: list[tuple[int, int]], k: int, seeds: list[int],
                   scores: list[str]) -> list[tuple]:
     """(control, seed, heads) of the top K by each score and the controls: K random heads per seed, and
     the K lowest by the run's score."""
-    return ([(score, None, top_heads(rankings, k, score=score)) for score in scores]
+    return ([(score, None, run.top_heads(k, score)) for score in scores]
             + [("random", s, random_heads(heads, k, s)) for s in seeds]
-            + [("lowest", None, top_heads(rankings, k, lowest=True))])
+            + [("lowest", None, run.top_heads(k, lowest=True))])
 
 
 def experiment_rows(replica: Replica, data: EvalSet, plan: list[tuple], cfg: Config, bar) -> list[dict]:
@@ -78,9 +78,8 @@ def experiment_rows(replica: Replica, data: EvalSet, plan: list[tuple], cfg: Con
 def run_experiments(scanned: Scanned, sets: list[EvalSet], ks: list[int], seeds: list[int], scores: list[str],
                     progress: bool) -> list[dict]:
     """The intact model and, for each K > 0, the top K by each score and the controls, on every eval set."""
-    rankings = scanned.run.rankings()
     plan = [("intact", None, [])] + [c for k in ks if k > 0
-                                     for c in control_heads(rankings, scanned.heads, k, seeds, scores)]
+                                     for c in control_heads(scanned.run, scanned.heads, k, seeds, scores)]
     with progress_bar("prune", len(plan) * len(sets), 0, "eval", progress) as bar:
         return [row for data in sets for row in experiment_rows(scanned.replica, data, plan, scanned.cfg, bar)]
 

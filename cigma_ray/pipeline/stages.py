@@ -134,7 +134,7 @@ class Pipeline:
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
                                lambda u: len(u.image_ids) * len(u.heads), "pair")
                 rounds.append(self.rank_round(selected, r, removed))
-            self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round))
+            self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round, self.cfg.score))
         finally:
             self.executor = own
 

@@ -3,6 +3,7 @@ unit's file, in this process or on a Ray actor (distributed/ imports this module
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -80,7 +81,7 @@ class Worker:
         wanted = pa.array(unit.image_ids, pa.int64())
         masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
         ids = masks["image_id"].to_pylist()
-        images, ok = self._images(Unit("scan", unit.shard, tuple(ids), unit.layers))
+        images, ok = self._images(replace(unit, image_ids=tuple(ids)))  # round and removed heads kept: its name
         if len(ok) != len(ids):  # an image that was readable before is not now: keep the rows aligned
             keep = {r.image_id for r in ok}
             masks = masks.filter(pa.array([i in keep for i in ids]))

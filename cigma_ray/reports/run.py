@@ -45,10 +45,11 @@ def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -
         score = None if score == run.score else score
     name = score or cfg.get("score", "big_drop")
     prefix = "" if score is None else f"{score}_"
-    ranking = run.rankings().sort_by(f"{prefix}rank").slice(0, top).to_pylist()
+    order = run.rank_column(score)  # the one notion of rank every command uses
+    ranking = run.rankings().sort_by(order).slice(0, top).to_pylist()
     value = prefix[:-1] if prefix else "score"
     level = cfg["ci_level"]
-    rows = [[r[f"{prefix}rank"], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
+    rows = [[r[order], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
              f"[{r[prefix + 'ci_low']:+.5f}, {r[prefix + 'ci_high']:+.5f}]", r["n"]] for r in ranking]
     headers, align = ["rank", "layer", "head", name, "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
     labels = meta["model"].get("layer_labels")
