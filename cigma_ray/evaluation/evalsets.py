@@ -15,7 +15,7 @@ import torch
 
 from ..data import DataError, ImageSource, open_source
 from ..pipeline import select_images
-from ..rundir import Scanned, decode_fg
+from ..rundir import Scanned, StorageError, decode_fg
 
 
 @dataclass
@@ -75,8 +75,9 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
     """All readable images of a data set (or of `records`, a subset of it), and masks learned on the
     intact model for a seeded sample.
 
-    The masks are cached in eval/, keyed by the data's listing, the subset and the sample size, and
-    learned in groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
+    The masks are cached in eval/, keyed by the data's listing and the ids of the sampled images (so a
+    changed set of readable images gets its own masks), checked against those ids when read, and learned
+    in groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
     """
     images, ok, failed = source.load(source.records if records is None else records, scanned.loaded.transform)
     if not ok:
@@ -84,24 +85,36 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
                         f"({failed[0][1] if failed else 'no images chosen'})")
     count = min(mask_images, len(ok))
     sample = select_images(range(len(ok)), count / len(ok), scanned.cfg.seed)
+    sample_ids = [ok[i].image_id for i in sample]
     name = name or set_name(source.url)
-    key = source.fingerprint()[:12]
-    if records is not None:
-        key += "-" + hashlib.sha256(",".join(str(r.image_id) for r in records).encode()).hexdigest()[:8]
+    key = source.fingerprint()[:12] + "-" + hashlib.sha256(",".join(map(str, sample_ids)).encode()).hexdigest()[:12]
     cache = f"eval/masks-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key}-n{count}.parquet"
-    side = scanned.cfg.mask_size
-    if scanned.dir.exists(cache):
-        fg = decode_fg(scanned.dir.read_table(cache)["fg"], side)
-    else:
+    fg = cached_masks(scanned, cache, sample_ids)
+    if fg is None:
         print(f"learning masks of {len(sample)} images of {name} on the intact model, for BIR (kept in {cache})",
               file=sys.stderr)
         batch = scanned.cfg.mask_batch
         fg = torch.cat([scanned.replica.masks(images[sample[i: i + batch]], scanned.cfg).fg
                         for i in range(0, len(sample), batch)])
-        scanned.dir.write_table(cache, pa.table({"image_id": [ok[i].image_id for i in sample],
-                                                 "fg": list(fg.reshape(len(sample), -1).numpy())}))
+        scanned.dir.write_table(cache, pa.table({"image_id": sample_ids, "fg": list(fg.reshape(len(sample), -1).numpy())}))
     return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
                    [f"{r.path}: {e}" for r, e in failed])
+
+
+def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Tensor | None:
+    """Cached foreground cells of exactly these images, in this order; None when there are none (or the file
+    holds other images, or is damaged: the masks are learned again)."""
+    if not scanned.dir.exists(cache):
+        return None
+    try:
+        table = scanned.dir.read_table(cache, ["image_id", "fg"])
+    except StorageError:
+        return None
+    side = scanned.cfg.mask_size
+    if table["image_id"].to_pylist() != list(image_ids) or any(len(v) != side * side for v in table["fg"].to_pylist()[:1]):
+        print(f"{cache} holds masks of other images; learning them again", file=sys.stderr)
+        return None
+    return decode_fg(table["fg"], side)
 
 
 def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
