@@ -46,7 +46,7 @@ class Pipeline:
                               "of the model before its last round; lower one of them")
         resolve_k(self.cfg.top_k, len(self.adapter.heads))  # a top_k larger than the model is an error now, not later
         self._worker: Worker | None = None
-        self.executor = executor or LocalExecutor(lambda: self.worker)
+        self.executor = executor or LocalExecutor(lambda: self.worker, self.cfg.max_attempts)
         self.manifest = build_manifest(self.cfg, self.loaded.fingerprint, self.adapter.heads_per_layer, job.data,
                                        self.source.fingerprint(), len(self.source), self.source.classes, job.precision)
         check_compatible(self.run, self.manifest, job.out)
@@ -108,7 +108,7 @@ class Pipeline:
 
             def retry(unit: Unit, error: str) -> None:
                 state["retries"] += 1
-                shown.pop(unit.file, None)
+                bar.update(-shown.pop(unit.file, 0))  # its work starts again
                 status()
 
             status()
