@@ -250,3 +250,17 @@ def test_cached_eval_masks_belong_to_their_images(tmp_path, fast_run, other_fold
     assert torch.equal(eval_set(scanned, open_source(str(data)), 4, "ev").fg, expected)
     (out / "eval" / new_cache).write_bytes(b"PAR1 truncated")
     assert torch.equal(eval_set(scanned, open_source(str(data)), 4, "ev").fg, expected)
+
+
+def test_evaluations_print_a_line_per_configuration_unless_quiet(tiny_run, capsys):
+    """prune and sweep printed nothing between their first and last lines for tens of minutes (with --quiet, or in
+    a log, where a bar drawn in place keeps nothing): now a line per configuration, with what it measured and an ETA."""
+    out = tiny_run.run.url
+    assert main(["sweep", out, "--k", "0,1", "--random-seeds", "1", "--scores", "big_drop"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prune ")]
+    assert len(lines) == 4  # the intact model, the top 1, 1 random head, the lowest
+    assert lines[0].startswith("prune 1/4  the intact model on ") and "accuracy" in lines[0] and "ETA" in lines[0]
+    assert lines[1].startswith("prune 2/4  the top 1 by big_drop on ") and "BIR" in lines[1]
+    assert "ETA" not in lines[-1] and lines[-1].startswith("prune 4/4  the 1 lowest by")
+    assert main(["sweep", out, "--k", "0,1", "--random-seeds", "1", "--scores", "big_drop", "--quiet"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("prune ")]

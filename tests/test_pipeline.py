@@ -320,3 +320,28 @@ def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_ru
     failures = run.read_table(round1.failure_file).to_pylist()
     assert [(f["kind"], f["unit"], f["image_id"]) for f in failures] == [("image", round1.file, round1.image_ids[0])]
     assert round1.file.startswith("deltas/round-01/")
+
+
+def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run, capsys):
+    """A mask unit reported its images once, at its end (a 39-image unit showed 0/39 for minutes): it now ticks once
+    per optimisation step, and the stage's bar counts image-steps."""
+    import shutil
+
+    from cigma_ray.pipeline import Job
+    from cigma_ray.pipeline.units import mask_units
+
+    out = str(tmp_path / "run")
+    shutil.copytree(fast_run, out)
+    run = RunDir(out)
+    job = Job.of_run(run.read_json("run.json"), out)
+    unit = mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config)[0]
+    ticks = []
+    Worker(job).run_unit(unit, ticks.append)
+    assert ticks == [len(unit.image_ids)] * job.config.mask_steps
+
+    os.remove(run.path(unit.file))
+    os.remove(run.path("receipts", unit.file + ".json"))
+    Pipeline(job, progress=True).run_all()
+    err = capsys.readouterr().err
+    total = sum(len(u.image_ids) for u in mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config))
+    assert f"/{total * job.config.mask_steps}" in err and "img-step/s" in err

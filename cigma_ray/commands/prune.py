@@ -57,7 +57,7 @@ def run(s: Settings) -> int:
     k = ranked.resolve_k(s.k)
     scores = ranked.parse_scores(s.eval.scores)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
-    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images)
+    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = prune(scanned, sets, k, seeds, scores, not s.eval.quiet)
     print(f"removing {k} heads together, the top by {', '.join(scores)}, against {k} random heads and the {k} "
@@ -79,7 +79,7 @@ def run_auto_k(s: Settings, ranked) -> int:
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
     max_drop = scanned.cfg.max_clean_drop if s.max_clean_drop is None else s.max_clean_drop
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
-    data = heldout_set(scanned, s.eval.eval_data[0] if s.eval.eval_data else None, s.eval.mask_images)
+    data = heldout_set(scanned, s.eval.eval_data[0] if s.eval.eval_data else None, s.eval.mask_images, not s.eval.quiet)
     print(f"choosing the score and K on held-out images, K in {', '.join(map(str, ks))}, scores {', '.join(scores)}:")
     result = auto_k(scanned, data, ks, seeds, scores, max_drop, not s.eval.quiet)
     print(auto_k_text(result, data, scanned.cfg))

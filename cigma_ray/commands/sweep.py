@@ -33,7 +33,7 @@ def run(s: Settings) -> int:
     ks = [ranked.resolve_k(k, "--k", allow_zero=True) for k in s.ks]
     scores = ranked.parse_scores(s.eval.scores)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
-    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images)
+    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = sweep(scanned, sets, ks, seeds, scores, not s.eval.quiet)
     plot = write_sweep_figure(ranked.dir, rows, scanned.cfg.ci_level)

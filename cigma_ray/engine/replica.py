@@ -80,19 +80,21 @@ class Replica:
         out, self.batch_size = halving_on_oom(lambda size: batched(run, images, size).cpu(), self.batch_size)
         return out
 
-    def masks(self, images: torch.Tensor, cfg: Config) -> MaskResult:
+    def masks(self, images: torch.Tensor, cfg: Config, on_step: Callable[[], None] | None = None) -> MaskResult:
         """Learn the masks of these images together, binarise them, and measure FIG, BIG, BIR.
 
         The images are optimised as one batch whatever `batch_size` is: Adam's normalised steps
         amplify float rounding in near-zero gradients, so only a fixed batch composition (the
-        run's mask unit) gives masks that are reproducible bit for bit.
+        run's mask unit) gives masks that are reproducible bit for bit. `on_step` is called after each of the
+        mask_steps optimisation steps.
         """
         x = self.upload(images)
         try:
             with torch.no_grad():
                 q = probs(self._logits(x), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
-                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
+                                  on_step=on_step).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
             raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; lower the "
                                          f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "

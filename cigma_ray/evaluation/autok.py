@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..method import SCORES
-from ..progress import progress_bar
+from ..progress import ProgressLines
 from ..rundir import Scanned
 from .evalsets import EvalSet
 from .experiments import experiment_rows, random_heads
@@ -44,7 +44,7 @@ def auto_k_rows(scanned: Scanned, data: EvalSet, ks: list[int], seeds: list[int]
     more heads go, and each evaluation is a pass over the held-out images.
     """
     replica, cfg = scanned.replica, scanned.cfg
-    with progress_bar("auto-k", 1 + len(ks) * (len(scores) + len(seeds)), 0, "eval", progress) as bar:
+    with ProgressLines("auto-k", 1 + len(ks) * (len(scores) + len(seeds)), progress) as bar:
         plan = [("intact", None, [])]
         rows = experiment_rows(replica, data, plan, cfg, bar)
         intact = rows[0]["accuracy"]

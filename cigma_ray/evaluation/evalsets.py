@@ -15,6 +15,7 @@ import torch
 
 from ..data import DataError, ImageSource, open_source
 from ..pipeline import select_images
+from ..progress import progress_bar
 from ..rundir import Scanned, StorageError, decode_fg
 
 
@@ -71,7 +72,7 @@ def open_eval_source(scanned: Scanned, url: str) -> ImageSource:
 
 
 def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str | None = None,
-             records: list | None = None) -> EvalSet:
+             records: list | None = None, progress: bool = True) -> EvalSet:
     """All readable images of a data set (or of `records`, a subset of it), and masks learned on the
     intact model for a seeded sample.
 
@@ -93,9 +94,11 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
     if fg is None:
         print(f"learning masks of {len(sample)} images of {name} on the intact model, for BIR (kept in {cache})",
               file=sys.stderr)
-        batch = scanned.cfg.mask_batch
-        fg = torch.cat([scanned.replica.masks(images[sample[i: i + batch]], scanned.cfg).fg
-                        for i in range(0, len(sample), batch)])
+        batch, steps = scanned.cfg.mask_batch, max(1, scanned.cfg.mask_steps)
+        with progress_bar("masks", len(sample) * steps, 0, "img-step", progress) as bar:
+            groups = [sample[i: i + batch] for i in range(0, len(sample), batch)]
+            fg = torch.cat([scanned.replica.masks(images[g], scanned.cfg, on_step=lambda n=len(g): bar.update(n)).fg
+                            for g in groups])
         scanned.dir.write_table(cache, pa.table({"image_id": sample_ids, "fg": list(fg.reshape(len(sample), -1).numpy())}))
     return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
                    [f"{r.path}: {e}" for r, e in failed])
@@ -117,7 +120,7 @@ def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Te
     return decode_fg(table["fg"], side)
 
 
-def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
+def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: bool = True) -> EvalSet:
     """Images the intact model classifies correctly and the scores never saw: of the scan's own data,
     those outside D (the run's predictions say which are correct); of another data set (`url`), those
     it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost."""
@@ -136,7 +139,7 @@ def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
     if len(records) < 2:
         raise DataError(f"{source.url} has {len(records)} correctly classified image(s) outside D; --auto-k needs "
                         "held-out images: pass --eval-data with a data set of the same classes")
-    return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records)
+    return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records, progress)
 
 
 def set_name(url: str) -> str:
@@ -144,7 +147,7 @@ def set_name(url: str) -> str:
     return base[: -len(".parquet")] if base.endswith(".parquet") else base or url
 
 
-def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int) -> list[EvalSet]:
+def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int, progress: bool = True) -> list[EvalSet]:
     """The --eval-data sets (the scan's own data, with D's masks, when given none or named among them).
 
     Every source is opened and checked before any images are read or masks learned.
@@ -157,5 +160,5 @@ def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int) -> lis
     for s in sources:
         base = set_name(s.url)
         names.append(base if base not in names else f"{base}-{len(names) + 1}")
-    return [scan_eval_set(scanned, name) if s.fingerprint() == fingerprint else eval_set(scanned, s, mask_images, name)
-            for s, name in zip(sources, names)]
+    return [scan_eval_set(scanned, name) if s.fingerprint() == fingerprint
+            else eval_set(scanned, s, mask_images, name, progress=progress) for s, name in zip(sources, names)]

@@ -54,11 +54,12 @@ def optimise_masks(
     l_1: float = 0.01,
     l_tv: float = 0.1,
     tau: float = 1.0,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
 
     The per-image losses are summed, and Adam is elementwise, so each mask follows exactly the
-    trajectory it would follow alone.
+    trajectory it would follow alone. `on_step` is called after each optimisation step (progress).
     """
     n = images.shape[0]
     size = tuple(images.shape[-2:])
@@ -72,6 +73,8 @@ def optimise_masks(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     return torch.sigmoid(theta.detach())
 
 

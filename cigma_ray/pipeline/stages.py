@@ -128,7 +128,8 @@ class Pipeline:
                 self.run.write_json("run.json", self.manifest)
             self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
             selected = self.selected()
-            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
+                           "img-step")  # ticks once per optimisation step of a unit's images
             rounds = []
             for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer):
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,

@@ -65,8 +65,7 @@ class Worker:
         images, ok = self._images(unit)
         if not ok:
             return empty_masks_table()
-        result = self.replica.masks(images, self.cfg)
-        progress(len(unit.image_ids))
+        result = self.replica.masks(images, self.cfg, on_step=lambda: progress(len(ok)))  # image-steps
         return pa.table({
             "image_id": pa.array([r.image_id for r in ok], pa.int64()),
             "mask": pa.array(list(result.mask.reshape(len(ok), -1).numpy()), pa.list_(pa.float32())),
