@@ -29,8 +29,10 @@ def test_incompatible_rerun_is_refused(tmp_path, image_folder, tiny_checkpoint):
     with pytest.raises(RunMismatch, match="unit_images"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(unit_images=5)), progress=False)
     other = write_folder(tmp_path / "other", per_class=3, seed=5)
-    with pytest.raises(RunMismatch, match="image listing"):
+    with pytest.raises(RunMismatch, match="image listing") as refused:
         Pipeline(job(tmp_path, other, tiny_checkpoint), progress=False)
+    # the image count changed, not the units: the message says so and does not blame unit_images
+    assert "(9 images now, 31 in the run)" in str(refused.value) and "unit_images" not in str(refused.value)
     # what never changes results may change
     Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(batch_size=2, top_k=5)), progress=False)
 

@@ -46,7 +46,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
-    from ..evaluation import eval_sets, prune
+    from ..evaluation import eval_sets, open_eval_source, prune
     from ..reports.pruning import heads_lines, pruning_text
     from ..rundir import open_run
 
@@ -56,6 +56,8 @@ def run(s: Settings) -> int:
         return run_auto_k(s, ranked)
     k = ranked.resolve_k(s.k)
     scores = ranked.parse_scores(s.eval.scores)
+    for url in s.eval.eval_data:  # listed and checked before the model loads
+        open_eval_source(ranked, url)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
     sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
@@ -69,13 +71,15 @@ def run(s: Settings) -> int:
 
 
 def run_auto_k(s: Settings, ranked) -> int:
-    from ..evaluation import auto_k, default_k_grid, heldout_set
+    from ..evaluation import auto_k, default_k_grid, heldout_set, open_eval_source
     from ..reports.pruning import auto_k_text
 
     ks = default_k_grid(ranked.n_heads) if s.k_grid is None else list(s.k_grid)
     for k in ks:
         ranked.resolve_k(k, "--k-grid")
     scores = ranked.parse_scores(s.eval.scores)
+    for url in s.eval.eval_data:  # listed and checked before the model loads
+        open_eval_source(ranked, url)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
     max_drop = scanned.cfg.max_clean_drop if s.max_clean_drop is None else s.max_clean_drop
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]

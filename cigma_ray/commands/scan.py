@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .. import config as config_mod
 from ..config import Config, ConfigError
-from .options import ScanOptions, add_scan_args, check_checkpoint, check_count, check_device
+from .options import ScanOptions, add_scan_args, check_checkpoint, check_count, check_device, parse_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +45,11 @@ def settings(args: argparse.Namespace) -> Settings:
     scan = ScanOptions.from_args(args)
     check_out(args.out)  # an existing file: refused before the model loads
     check_checkpoint(args.checkpoint)
+    if not scan.model.model.startswith("hf:"):  # an hf: directory is read when the scan starts (it may be on S3)
+        from ..models import ModelSpec, check_name
+
+        check_name(ModelSpec(scan.model.model, model_kwargs=parse_kwargs(scan.model.model_kwargs),
+                             img_size=scan.model.img_size))
     check_count(args.replicas, "--replicas", what="model replicas, a count")
     for value, flag in ((args.cpus_per_replica, "--cpus-per-replica"), (args.gpus_per_replica, "--gpus-per-replica")):
         if value is not None and not (math.isfinite(value) and value >= 0):

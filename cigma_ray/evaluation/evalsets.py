@@ -16,7 +16,7 @@ import torch
 from ..data import DataError, ImageSource, open_source
 from ..pipeline import select_images
 from ..progress import progress_bar
-from ..rundir import Scanned, StorageError, decode_fg
+from ..rundir import Run, Scanned, StorageError, decode_fg
 
 
 @dataclass
@@ -52,20 +52,24 @@ def scan_eval_set(scanned: Scanned, name: str | None = None) -> EvalSet:
                    [f"{r.path}: {e}" for r, e in failed])
 
 
-def open_eval_source(scanned: Scanned, url: str) -> ImageSource:
+def open_eval_source(run: Run, url: str) -> ImageSource:
     """An eval data set whose labels mean the same model outputs as the scan's: class folders named by
-    output index, or the very class names the scan had (mapped by sorted position, as there)."""
-    source = open_source(url)
-    outputs = scanned.loaded.num_classes
+    output index, or the very class names the scan had (mapped by sorted position, as there). Needs the
+    run's record only, not its model, so commands check --eval-data before loading anything."""
+    try:
+        source = open_source(url)
+    except DataError as e:
+        raise DataError(str(e).replace("--data", "--eval-data", 1)) from None
+    outputs = run.meta["model"]["num_classes"]
     if all(c.isdigit() for c in source.classes):
         too_big = [c for c in source.classes if int(c) >= outputs]
         if too_big:
-            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {scanned.run.meta['model']['name']}, "
+            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {run.meta['model']['name']}, "
                             f"which has {outputs} classes")
         return source
-    classes = scanned.run.meta["data"]["classes"]
+    classes = run.meta["data"]["classes"]
     if source.classes != classes:
-        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {scanned.run.url} was "
+        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {run.url} was "
                         f"scanned with {', '.join(classes)}; named classes must be the same ones, so that each means "
                         f"the same output (or name the class folders by output index: 0 to {outputs - 1})")
     return source
@@ -124,7 +128,7 @@ def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: b
     """Images the intact model classifies correctly and the scores never saw: of the scan's own data,
     those outside D (the run's predictions say which are correct); of another data set (`url`), those
     it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost."""
-    source = scanned.source if url is None else open_eval_source(scanned, url)
+    source = scanned.source if url is None else open_eval_source(scanned.run, url)
     d_ids = set(scanned.dir.read_folder("masks", ["image_id"])["image_id"].to_pylist())
     if source.fingerprint() == scanned.run.meta["data"]["fingerprint"]:
         preds = scanned.dir.read_folder("predictions", ["image_id", "correct"])
@@ -154,7 +158,7 @@ def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int, progre
     """
     if not urls:
         return [scan_eval_set(scanned)]
-    sources = [open_eval_source(scanned, url) for url in urls]
+    sources = [open_eval_source(scanned.run, url) for url in urls]
     fingerprint = scanned.run.meta["data"]["fingerprint"]
     names: list[str] = []
     for s in sources:
