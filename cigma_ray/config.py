@@ -180,7 +180,10 @@ def load(path: str | Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {p} is not a text file (not UTF-8); pass --config with a YAML file of "
                               "flat keys, e.g. 'mask_steps: 100'") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"config file {p} is not valid YAML: {what}{where}") from None
         except OSError as e:
             raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
         if not isinstance(loaded, dict):

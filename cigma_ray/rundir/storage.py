@@ -87,9 +87,10 @@ def check_out(out: str, data: list[str] | tuple[str, ...] = (), data_label: str 
         location(url, data_label)
         if within(out, url):
             where = "is" if location(out)[1] == location(url)[1] else "is inside"
+            fix = (f"choose an {out_label} outside {url}" if out_label.startswith("--") else
+                   f"evaluate on images that do not hold the run")
             raise StorageError(f"{out_label} {out} {where} {data_label} {url}: the run's files (run.json, "
-                               "predictions/, masks/, deltas/, eval/) would be written among the images; choose an "
-                               f"{out_label} outside {url}")
+                               f"predictions/, masks/, deltas/, eval/) would be written among the images; {fix}")
 
 
 class RunDir:
