@@ -112,7 +112,8 @@ BAD_INPUT = [
     ("model-kwargs-no-value", RANDOM + " --model-kwargs depth", r"write key=value", "settings"),
     ("model-kwargs-wrong-type", RANDOM + " --model-kwargs depth=abc",
      r"--model-kwargs depth=abc: VisionTransformer's depth takes int \(default 12\), not the str 'abc'", "settings"),
-    ("model-kwargs-unknown", RANDOM + " --model-kwargs depht=3", r"VisionTransformer has no argument 'depht'", "settings"),
+    ("model-kwargs-unknown", RANDOM + " --model-kwargs depht=3", r"failed with --model-kwargs/--img-size depht=3: "
+     r"TypeError: .*unexpected keyword argument 'depht'", "model"),
     ("img-size-0", RANDOM + " --img-size 0", r"--img-size 0: the input size in pixels, a size of at least 1", "settings"),
     ("num-classes-negative", RANDOM.replace("--num-classes 3", "--num-classes -1"), r"--num-classes -1: .*at least 1",
      "settings"),
