@@ -345,3 +345,60 @@ def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run, capsys):
     err = capsys.readouterr().err
     total = sum(len(u.image_ids) for u in mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config))
     assert f"/{total * job.config.mask_steps}" in err and "img-step/s" in err
+
+
+# A scan whose mask units (60 steps) and scan units (one image each) are long enough to be interrupted in the middle.
+KILLED = FAST.replace(mask_steps=60, unit_images=1, bootstrap=50)
+KILLED_YAML = "".join(f"{k}: {getattr(KILLED, k)}\n" for k in ("tp_ratio", "mask_steps", "mask_batch", "unit_images",
+                                                                 "bootstrap", "top_k", "batch_size"))
+
+
+def killed_scan_args(tmp_path, image_folder, tiny_checkpoint) -> list[str]:
+    path, name, kwargs = tiny_checkpoint
+    (tmp_path / "killed.yaml").write_text(KILLED_YAML)
+    return ["scan", "--model", f"timm:{name}", "--checkpoint", path, "--model-kwargs", *model_args(kwargs),
+            "--data", image_folder, "--out", str(tmp_path / "run"), "--config", str(tmp_path / "killed.yaml"), "--quiet"]
+
+
+def test_sigkill_during_the_mask_stage_and_the_scan_resumes_to_the_same_rankings(tmp_path, image_folder,
+                                                                                  tiny_checkpoint):
+    """The real command (a process of its own, in-process run) killed with SIGKILL in the middle of the mask stage,
+    run again and killed in the middle of the scan, then run to the end: its rankings are an uninterrupted run's."""
+    import signal
+
+    from helpers import interrupt_when
+
+    reference = Pipeline(job(tmp_path, image_folder, tiny_checkpoint, "reference", cfg=KILLED), progress=False)
+    reference.run_all()
+    units = {folder: len(RunDir(reference.job.out).list(folder)) for folder in ("masks", "deltas")}
+    assert units["masks"] >= 2 and units["deltas"] >= 3
+    args = killed_scan_args(tmp_path, image_folder, tiny_checkpoint)
+    run = RunDir(str(tmp_path / "run"))
+
+    killed = interrupt_when(args, run.path("masks"), signal.SIGKILL)
+    assert killed is not None and killed.returncode == -signal.SIGKILL
+    assert 1 <= len(run.list("masks")) < units["masks"] and not run.exists("deltas")  # killed during the mask stage
+
+    killed = interrupt_when(args, run.path("deltas"), signal.SIGKILL)
+    assert killed is not None and killed.returncode == -signal.SIGKILL
+    assert len(run.list("masks")) == units["masks"] and 1 <= len(run.list("deltas")) < units["deltas"]
+    assert not run.exists("rankings.parquet")  # killed during the scan
+
+    cli(*args)
+    assert run_status(run)["damaged"] == {}
+    got, want = rankings(run.url), rankings(reference.job.out)
+    assert got.select(["layer", "head", "rank"]).equals(want.select(["layer", "head", "rank"]))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_ctrl_c_exits_130_saying_the_same_command_resumes(tmp_path, image_folder, tiny_checkpoint):
+    import signal
+
+    from helpers import interrupt_when
+
+    args = killed_scan_args(tmp_path, image_folder, tiny_checkpoint)
+    stopped = interrupt_when(args, str(tmp_path / "run" / "masks"), signal.SIGINT)
+    assert stopped is not None and stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == ("cigma-ray scan: interrupted; finished units are kept: run the "
+                                                       "same command again to resume")
