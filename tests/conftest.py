@@ -38,7 +38,7 @@ def scored_run(tmp_path_factory, image_folder, tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def fast_run(tmp_path_factory, image_folder, tiny_checkpoint):
+def fast_run_dir(tmp_path_factory, image_folder, tiny_checkpoint):
     """The tiny checkpoint scanned with helpers.FAST (several units per stage): its run directory, to copy, never
     to change."""
     from helpers import FAST

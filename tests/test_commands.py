@@ -180,7 +180,7 @@ BAD_INPUT = [
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, tiny_checkpoint, fast_run):
+def bad_inputs(tmp_path_factory, tiny_checkpoint, fast_run_dir):
     """What the bad inputs name: data, files of the wrong kind, a shallower checkpoint, runs finished, unranked, damaged."""
     import shutil
     import socket
@@ -200,10 +200,10 @@ def bad_inputs(tmp_path_factory, tiny_checkpoint, fast_run):
     (tmp / "table.csv").write_text("image,label\n")
     pq.write_table(pa.table({"pixels": [b"x"], "y": [1]}), tmp / "columns.parquet")
     run = tmp / "run"
-    shutil.copytree(fast_run, run)
+    shutil.copytree(fast_run_dir, run)
     (tmp / "unranked").mkdir()
     shutil.copy(run / "run.json", tmp / "unranked" / "run.json")
-    shutil.copytree(fast_run, tmp / "truncated")
+    shutil.copytree(fast_run_dir, tmp / "truncated")
     with open(tmp / "truncated" / "rankings.parquet", "r+b") as f:
         f.truncate(100)
     with socket.socket() as sock:  # a loopback port nobody listens on
@@ -270,7 +270,7 @@ def test_bad_input_is_a_named_error_before_any_work(case, command, message, stag
     assert not os.path.exists(values["out"]) and snapshot(bad_inputs["tmp"]) == before
 
 
-def test_a_png_config_and_a_truncated_file_print_no_traceback(tmp_path, fast_run):
+def test_a_png_config_and_a_truncated_file_print_no_traceback(tmp_path, fast_run_dir):
     """Two of the table's inputs through the real command (a subprocess): the message, and no traceback."""
     import shutil
 
@@ -279,7 +279,7 @@ def test_a_png_config_and_a_truncated_file_print_no_traceback(tmp_path, fast_run
     proc = cli("scan", "--model", "timm:vit_tiny_patch16_224", "--random-weights", "--data", str(tmp_path),
                "--out", str(tmp_path / "run"), "--config", str(png), check=False)
     assert proc.returncode == 2 and "is not a text file" in proc.stderr and "Traceback" not in proc.stderr
-    shutil.copytree(fast_run, tmp_path / "copy")
+    shutil.copytree(fast_run_dir, tmp_path / "copy")
     deltas = sorted((tmp_path / "copy" / "deltas").iterdir())[0]
     deltas.write_bytes(deltas.read_bytes()[:50])
     proc = cli("status", str(tmp_path / "copy"))

@@ -152,13 +152,13 @@ class FlakyFileSystem(LocalFileSystem):
 
 
 def test_a_storage_read_that_fails_twice_fails_the_unit_and_loses_no_image(tmp_path, image_folder, tiny_checkpoint,
-                                                                         fast_run):
+                                                                         fast_run_dir):
     """A transient read error counted as an unreadable image: the image left D for good. Now it fails the unit, which
     is tried again (max_attempts 3), and D, the failures and the ranking are those of an undisturbed run."""
     import fsspec
 
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    reference = RunDir(fast_run)
+    reference = RunDir(fast_run_dir)
     d = sorted(reference.read_folder("masks")["image_id"].to_pylist())
     victim = open_source(image_folder).records[d[0]].path
     FlakyFileSystem.fail, FlakyFileSystem.reads = {victim: 2}, {}
@@ -168,8 +168,8 @@ def test_a_storage_read_that_fails_twice_fails_the_unit_and_loses_no_image(tmp_p
     run = RunDir(p.job.out)
     assert sorted(run.read_folder("masks")["image_id"].to_pylist()) == d
     assert run.read_folder("failures")["path"].to_pylist() == [os.path.join(image_folder, "a", "zz_broken.png")]
-    assert rankings(p.job.out).select(["layer", "head", "rank"]).equals(rankings(fast_run).select(["layer", "head", "rank"]))
-    np.testing.assert_allclose(rankings(p.job.out)["score"].to_numpy(), rankings(fast_run)["score"].to_numpy(),
+    assert rankings(p.job.out).select(["layer", "head", "rank"]).equals(rankings(fast_run_dir).select(["layer", "head", "rank"]))
+    np.testing.assert_allclose(rankings(p.job.out)["score"].to_numpy(), rankings(fast_run_dir)["score"].to_numpy(),
                                rtol=0, atol=1e-9)
 
     # a read that keeps failing fails its unit for good (recorded, the command exits 1), never the image

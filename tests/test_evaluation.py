@@ -61,11 +61,11 @@ def other_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, fast_run):
-    """The finished tiny run (a copy of conftest's fast_run, made with FAST), reopened as evaluation sees it (model,
+def tiny_run(tmp_path_factory, fast_run_dir):
+    """The finished tiny run (a copy of conftest's fast_run_dir, made with FAST), reopened as evaluation sees it (model,
     data and replica rebuilt from run.json)."""
     out = tmp_path_factory.mktemp("prune") / "run"
-    shutil.copytree(fast_run, out)
+    shutil.copytree(fast_run_dir, out)
     return open_run(str(out)).reopen()
 
 
@@ -224,14 +224,14 @@ def test_auto_k_chooses_within_the_guard_on_held_out_images(scored_run):
     assert bad.returncode == 2 and "--k-grid" in bad.stderr
 
 
-def test_cached_eval_masks_belong_to_their_images(tmp_path, fast_run, other_folder):
+def test_cached_eval_masks_belong_to_their_images(tmp_path, fast_run_dir, other_folder):
     """The eval-mask cache was keyed by the listing and the count only: once an image became unreadable, the cached
     masks were applied to other images. Now it is keyed by the sampled images' ids and checked when read."""
     from cigma_ray.data import open_source
     from cigma_ray.evaluation import eval_set
 
     out, data = tmp_path / "run", tmp_path / "eval"
-    shutil.copytree(fast_run, out)
+    shutil.copytree(fast_run_dir, out)
     shutil.copytree(other_folder, data)
     scanned = open_run(str(out)).reopen()
     first = eval_set(scanned, open_source(str(data)), 4, "ev")

@@ -211,7 +211,7 @@ def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny
     assert bad.returncode == 2 and "did not measure FIG" in bad.stderr
 
 
-def test_damaged_unit_files_are_reported_and_redone(tmp_path, fast_run, monkeypatch, capsys):
+def test_damaged_unit_files_are_reported_and_redone(tmp_path, fast_run_dir, monkeypatch, capsys):
     """Unit files are checked against the sha256 of their receipts: `status` names damaged ones, a re-run redoes
     exactly those (a file from before receipts were kept is checked by parsing it, then adopted), and ranking
     never meets a truncated file."""
@@ -221,7 +221,7 @@ def test_damaged_unit_files_are_reported_and_redone(tmp_path, fast_run, monkeypa
     from cigma_ray.pipeline import Job
 
     out = str(tmp_path / "run")
-    shutil.copytree(fast_run, out)
+    shutil.copytree(fast_run_dir, out)
     run = RunDir(out)
     before = rankings(out)
     deltas, masks = run.list("deltas"), run.list("masks")
@@ -294,7 +294,7 @@ def assert_one_notion_of_rank(out: str, removed: list) -> None:
         assert prune == export == shown == order[:k] == [tuple(map(int, h.split("."))) for h in listed], k
 
 
-def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_run, image_folder):
+def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_run_dir, image_folder):
     """An image unreadable in round 1's scan is recorded under round 1's unit, never over round 0's failures file."""
     import shutil
     from dataclasses import replace
@@ -303,7 +303,7 @@ def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_ru
     from cigma_ray.pipeline.units import scan_units
 
     out, data = str(tmp_path / "run"), str(tmp_path / "data")
-    shutil.copytree(fast_run, out)
+    shutil.copytree(fast_run_dir, out)
     shutil.copytree(image_folder, data)
     run = RunDir(out)
     job = replace(Job.of_run(run.read_json("run.json"), out), data=data)
@@ -322,7 +322,7 @@ def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_ru
     assert round1.file.startswith("deltas/round-01/")
 
 
-def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run, capsys):
+def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run_dir, capsys):
     """A mask unit reported its images once, at its end (a 39-image unit showed 0/39 for minutes): it now ticks once
     per optimisation step, and the stage's bar counts image-steps."""
     import shutil
@@ -331,7 +331,7 @@ def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run, capsys):
     from cigma_ray.pipeline.units import mask_units
 
     out = str(tmp_path / "run")
-    shutil.copytree(fast_run, out)
+    shutil.copytree(fast_run_dir, out)
     run = RunDir(out)
     job = Job.of_run(run.read_json("run.json"), out)
     unit = mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config)[0]
