@@ -43,8 +43,9 @@ def settings(args: argparse.Namespace) -> Settings:
     cfg = config_mod.load(args.config)
     overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round)) if v is not None}
     scan = ScanOptions.from_args(args)
-    check_out(args.out)  # an existing file: refused before the model loads
-    check_checkpoint(args.checkpoint)
+    if not args.dry_run:  # a dry run reads no files (it checks a pod's command line, whose paths are the pod's)
+        check_out(args.out)  # an existing file: refused before the model loads
+        check_checkpoint(args.checkpoint)
     if not scan.model.model.startswith("hf:"):  # an hf: directory is read when the scan starts (it may be on S3)
         from ..models import ModelSpec, check_name
 
