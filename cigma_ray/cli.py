@@ -74,8 +74,8 @@ def dispatch(argv: list[str], name: str | None) -> int:
               f"units with the same command:\n  {retry}", file=sys.stderr)
         return 1
     except OSError as e:  # storage that failed under us (a read after retries, a full disk): not the input's fault
-        print(f"cigma-ray {args.command}: storage error: {type(e).__name__}: {e}\nfinished work is kept; once the cause "
-              "is fixed, run the same command again", file=sys.stderr)
+        print(f"cigma-ray {args.command}: storage error: {type(e).__name__}: {e}\nfinished work is kept; once the "
+              "cause is fixed, run the same command again", file=sys.stderr)
         return 1
     finally:
         gc.collect()  # drop Arrow readers while the interpreter is whole, not during its shutdown

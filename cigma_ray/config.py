@@ -136,7 +136,8 @@ RANGES = {
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",
-    "max_attempts": "tries per unit (on a cluster; in this process after storage errors) before it is given up, an integer >= 1",
+    "max_attempts": "tries per unit (on a cluster; in this process after storage errors) before it is given up, "
+                    "an integer >= 1",
 }
 
 

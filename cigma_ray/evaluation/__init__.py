@@ -6,4 +6,5 @@ from .evalsets import EvalSet, eval_set, eval_sets, heldout_set, open_eval_sourc
 from .experiments import collapsed, evaluate, prune, random_heads, run_experiments, sweep
 
 __all__ = ["AutoK", "EvalSet", "auto_k", "choose_pruning", "collapsed", "default_k_grid", "eval_set", "eval_sets",
-           "evaluate", "heldout_set", "open_eval_source", "prune", "random_heads", "run_experiments", "scan_eval_set", "sweep"]
+           "evaluate", "heldout_set", "open_eval_source", "prune", "random_heads", "run_experiments", "scan_eval_set",
+           "sweep"]

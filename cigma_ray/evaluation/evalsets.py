@@ -103,7 +103,8 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
             groups = [sample[i: i + batch] for i in range(0, len(sample), batch)]
             fg = torch.cat([scanned.replica.masks(images[g], scanned.cfg, on_step=lambda n=len(g): bar.update(n)).fg
                             for g in groups])
-        scanned.dir.write_table(cache, pa.table({"image_id": sample_ids, "fg": list(fg.reshape(len(sample), -1).numpy())}))
+        scanned.dir.write_table(cache, pa.table({"image_id": sample_ids,
+                                                 "fg": list(fg.reshape(len(sample), -1).numpy())}))
     return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
                    [f"{r.path}: {e}" for r, e in failed])
 
@@ -118,7 +119,8 @@ def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Te
     except StorageError:
         return None
     side = scanned.cfg.mask_size
-    if table["image_id"].to_pylist() != list(image_ids) or any(len(v) != side * side for v in table["fg"].to_pylist()[:1]):
+    cells = table["fg"].to_pylist()[:1]
+    if table["image_id"].to_pylist() != list(image_ids) or any(len(v) != side * side for v in cells):
         print(f"{cache} holds masks of other images; learning them again", file=sys.stderr)
         return None
     return decode_fg(table["fg"], side)

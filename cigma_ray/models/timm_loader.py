@@ -108,8 +108,8 @@ def state_dict_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [(k, tuple(state_dict[k].shape), tuple(own[k].shape)) for k in own
-              if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(own[k].shape)) for k in own if k in state_dict
+              and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or shapes):
         return None
     parts = []
@@ -119,7 +119,8 @@ def state_dict_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
         parts.append(f"{len(unexpected)} of its weights are not in the model (first: {unexpected[0]})")
     if shapes:
         k, theirs, ours = shapes[0]
-        parts.append(f"{len(shapes)} shapes differ (first: {k}, {list(theirs)} in the checkpoint, {list(ours)} in the model)")
+        parts.append(f"{len(shapes)} shapes differ (first: {k}, {list(theirs)} in the checkpoint, {list(ours)} in the "
+                     "model)")
     looks, hint = describe_checkpoint(state_dict, model)
     return (f"{'; '.join(parts)}. The checkpoint looks like {looks}"
             + (f"; build the model that way: {hint}" if hint else
@@ -137,7 +138,8 @@ def describe_checkpoint(state_dict: dict, model: torch.nn.Module | None = None) 
     if not blocks or proj is None or proj.dim() != 4:
         stems = sorted({k.split(".")[0] for k in keys})
         kind = ("a ResNet-style CNN" if {"conv1", "layer1"} <= set(stems) else
-                "a CLIP or Hugging Face model (load it with --model hf:DIR)" if {"visual", "vision_model"} & set(stems) else
+                "a CLIP or Hugging Face model (load it with --model hf:DIR)"
+                if {"visual", "vision_model"} & set(stems) else
                 "a wrapped state dict (its keys share a prefix: strip it)" if len(stems) == 1 else
                 "no timm VisionTransformer")
         return f"{kind} (top-level names: {', '.join(stems[:8])}{', ...' if len(stems) > 8 else ''})", ""

@@ -52,7 +52,8 @@ class LocalExecutor:
         for unit in units:
             for attempt in range(1, self.max_attempts + 1):
                 try:
-                    receipt = worker.run_unit(unit, (lambda n, unit=unit: on_progress(unit, n)) if on_progress else None)
+                    progress = (lambda n, unit=unit: on_progress(unit, n)) if on_progress else None
+                    receipt = worker.run_unit(unit, progress)
                 except OSError as e:
                     error = f"{type(e).__name__}: {e}"
                     if attempt == self.max_attempts:

@@ -77,6 +77,7 @@ def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]],
         np.add.at(filled, (r, c), 1)
     if (filled != 1).any():
         bad = int((filled != 1).sum())
-        raise StorageError(f"{run.url}: deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} "
-                           f"images ({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
+        raise StorageError(f"{run.url}: deltas/ does not hold each of {len(heads)} heads once per each of "
+                           f"{len(images)} images ({bad} cells missing or repeated): remove the run's deltas/ folder "
+                           "and scan again")
     return matrices

@@ -5,5 +5,5 @@ from .manifest import RunMismatch, build_manifest, check_compatible, scanned_mod
 from .run import Run, Scanned, check_k, decode_fg, open_run, top_heads
 from .storage import RunDir, StorageError, check_out, location, within
 
-__all__ = ["Run", "RunDir", "RunMismatch", "Scanned", "StorageError", "build_manifest", "check_compatible", "check_k", "check_out",
-           "decode_fg", "location", "open_run", "scanned_model_spec", "top_heads", "within"]
+__all__ = ["Run", "RunDir", "RunMismatch", "Scanned", "StorageError", "build_manifest", "check_compatible", "check_k",
+           "check_out", "decode_fg", "location", "open_run", "scanned_model_spec", "top_heads", "within"]

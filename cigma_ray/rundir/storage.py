@@ -46,13 +46,15 @@ def parse_table(data: bytes, columns: list[str] | None = None, where: str = "") 
         parquet = pq.ParquetFile(pa.BufferReader(data))
         missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
         if missing:
-            raise StorageError(f"{where} has no column {', '.join(missing)} (it has {', '.join(parquet.schema_arrow.names)}); "
-                               "was the run made by another version of cigma-ray?")
+            raise StorageError(f"{where} has no column {', '.join(missing)} (it has "
+                               f"{', '.join(parquet.schema_arrow.names)}); was the run made by another version of "
+                               "cigma-ray?")
         return parquet.read(columns=columns)
     except pa.ArrowException as e:
         reason = str(e).split(". ")[0].removeprefix("Could not open Parquet input source '<Buffer>': ")
         raise StorageError(f"{where} is damaged ({len(data)} bytes, not a whole Parquet file: {reason}); the scan "
-                           "command that made the run redoes a damaged unit (`cigma-ray status RUN` lists them)") from None
+                           "command that made the run redoes a damaged unit (`cigma-ray status RUN` lists them)"
+                           ) from None
 
 
 def location(url: str, label: str = "--out") -> tuple[str, str]:
