@@ -48,6 +48,11 @@ class Config:
     max_attempts: int = 3
 
     def __post_init__(self) -> None:
+        infinite = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
+                    and not math.isfinite(getattr(self, f.name))]
+        if infinite:  # .inf passes every range check below and gives 0/1 masks; .nan fails them, but say why
+            raise ConfigError(f"config value not finite: {', '.join(f'{k}={getattr(self, k)!r}' for k in infinite)} "
+                              f"({'; '.join(f'{k}: {RANGES[k]}' for k in infinite)}; every number must be finite)")
         checks = {
             "tp_ratio": 0 < self.tp_ratio <= 1,
             "mask_size": self.mask_size >= 2,
@@ -135,14 +140,15 @@ RANGES = {
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",
-    "max_attempts": "tries per unit on a cluster before it is given up, an integer >= 1",
+    "max_attempts": "tries per unit (on a cluster; in this process after storage errors) before it is given up, "
+                    "an integer >= 1",
 }
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     """Build a Config, rejecting unknown keys and values of the wrong type by name."""
     known = {f.name: f for f in fields(Config)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(str(k) for k in set(values) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(known)}")
     typed: dict[str, Any] = {}
@@ -169,12 +175,22 @@ def load(path: str | Path | None = None, **overrides: Any) -> Config:
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; pass --config with a YAML file of flat keys")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file of flat keys")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not a text file (not UTF-8); pass --config with a YAML file of "
+                              "flat keys, e.g. 'mask_steps: 100'") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"config file {p} is not valid YAML: {what}{where}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must be a mapping of keys to values, got {type(loaded).__name__}")
         values.update(loaded)

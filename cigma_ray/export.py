@@ -66,7 +66,7 @@ def chosen_heads(run: Run, k: int | None, heads: str | None,
         if score is not None:
             run.parse_scores(score)
         score_name = score or run.score
-        chosen, how = top_heads(rankings, k, score=score), f"top {k} of rankings.parquet by {score_name}"
+        chosen, how = run.top_heads(k, score), f"top {k} of rankings.parquet by {score_name}"
     if rankings is None:
         return chosen, how, []
     by_head = {(r["layer"], r["head"]): r for r in rankings.to_pylist()}

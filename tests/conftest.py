@@ -42,3 +42,12 @@ def scored_run(tmp_path_factory, image_folder, tiny_checkpoint):
     cfg = Config(tp_ratio=0.4, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=2, batch_size=8,
                  score="bir_drop")
     return finished_run(tmp_path_factory.mktemp("scores") / "run", image_folder, tiny_checkpoint, cfg).job.out
+
+
+@pytest.fixture(scope="session")
+def fast_run_dir(tmp_path_factory, image_folder, tiny_checkpoint):
+    """The tiny checkpoint scanned with helpers.FAST (several units per stage): its run directory, to copy, never
+    to change."""
+    from helpers import FAST
+
+    return finished_run(tmp_path_factory.mktemp("fast") / "run", image_folder, tiny_checkpoint, FAST).job.out

@@ -104,3 +104,32 @@ def cli(*args: str, check: bool = True, timeout: float = 900) -> subprocess.Comp
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def interrupt_when(args: list[str], folder: str, sig: int, files: int = 1, timeout: float = 900,
+                   env: dict | None = None) -> subprocess.CompletedProcess | None:
+    """Run `cigma-ray ARGS` and send it `sig` as soon as `folder` holds `files` finished unit files (polled every
+    few milliseconds); returns the finished process (exit code, output), or None when it ended before that."""
+    import signal as signals
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cigma_ray.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or {**os.environ, "HF_HUB_OFFLINE": "1"},
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            if sum(n.endswith(".parquet") and not n.startswith(".") for n in names) >= files:
+                proc.send_signal(sig)
+                out, err = proc.communicate(timeout=120)
+                return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            time.sleep(0.003)
+        if proc.poll() is None:
+            raise AssertionError(f"cigma-ray {args[0]} did not reach {folder} in {timeout} s")
+        proc.communicate()
+        return None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+            proc.wait()

@@ -59,3 +59,94 @@ def subprocess_env(settings: dict[str, str | None], **extra: str) -> dict[str, s
         else:
             env[k] = v
     return env
+
+
+class HoldingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server. Once armed with a marker, the first PUT whose request line
+    holds it gets through only halfway (its headers and half its body), then is held there: a client killed now dies
+    in the middle of that upload, as on a machine lost during a PUT. Everything else passes through."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        parsed = urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.marker: bytes | None = None
+        self.held = threading.Event()
+        self.held_request = b""  # the request line of the held PUT
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, marker: bytes) -> None:
+        self.marker = marker
+
+    def close(self) -> None:
+        for s in [self.listener, *self.sockets]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        import socket
+
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                line = data.split(b"\r\n", 1)[0]
+                if from_client and self.marker and not self.held.is_set() and line.startswith(b"PUT ") \
+                        and self.marker in line:
+                    self._hold(src, dst, data, line)
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _hold(self, src, dst, data: bytes, line: bytes) -> None:
+        """Forward the request's headers and half its body, then nothing: read what the client sends until it dies."""
+        while b"\r\n\r\n" not in data:
+            more = src.recv(1 << 16)
+            if not more:
+                return
+            data += more
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next((int(h.split(b":", 1)[1]) for h in head.split(b"\r\n")[1:]
+                       if h.lower().startswith(b"content-length:")), 128)
+        half = max(1, length // 2)
+        dst.sendall(head + b"\r\n\r\n")  # with Expect: 100-continue the body follows the server's 100
+        while len(body) < half:
+            more = src.recv(1 << 16)
+            if not more:
+                return
+            body += more
+        dst.sendall(body[:half])
+        self.held_request = line
+        self.held.set()
+        while src.recv(1 << 16):  # the client waits for an answer that never comes, until it is killed
+            pass
+        dst.close()  # the server sees the connection drop in the middle of the body

@@ -57,3 +57,35 @@ def test_top_k_fractions_round_half_up_and_at_least_one():
         from_dict({"score": "paper"})
     with pytest.raises(ConfigError, match="must be bool"):
         from_dict({"measure_fig": 1})
+
+
+FLOAT_KEYS = ("tp_ratio", "mask_lr", "l_js", "l_1", "l_tv", "keep_ratio", "tau", "ci_level", "max_clean_drop", "top_k")
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_key_must_be_finite(tmp_path, key, value):
+    """mask_lr: .inf (or an infinite loss weight) passed every range check and gave 0/1 masks."""
+    from cigma_ray import config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{key}=(inf|-inf|nan)"):
+        config.load(path)
+    with pytest.raises(ConfigError, match=key):
+        Config().replace(**{key: float(value.replace(".", ""))})
+
+
+def test_a_config_file_that_is_not_text_or_not_a_file(tmp_path):
+    """A PNG as --config raised UnicodeDecodeError; a directory said 'does not exist'."""
+    from cigma_ray import config
+
+    png = tmp_path / "image.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\xff\xfe")
+    with pytest.raises(ConfigError, match="not a text file"):
+        config.load(png)
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load(tmp_path)
+    (tmp_path / "mixed.yaml").write_text("1: 2\nmask_lr: 0.1\nzz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key.*1, zz"):
+        config.load(tmp_path / "mixed.yaml")

@@ -127,3 +127,58 @@ def test_parquet_images_are_read_by_row_group_not_by_whole_column(tmp_path):
     for image, r in zip(images, ok):
         expected = np.asarray(Image.open(io.BytesIO(blobs[r.image_id])).convert("RGB"))
         assert (image.numpy() == expected).all()
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """The local file system behind a `flaky://` URL, whose reads of chosen files fail a number of times first, as a
+    flaky object store's GETs do (a connection reset); every other operation is the local file system's."""
+
+    protocol = "flaky"
+    fail: dict[str, int] = {}  # path -> failures left
+    reads: dict[str, int] = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        return super()._strip_protocol(path[len("flaky://"):] if path.startswith("flaky://") else path)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        p = self._strip_protocol(path)
+        FlakyFileSystem.reads[p] = FlakyFileSystem.reads.get(p, 0) + 1
+        if FlakyFileSystem.fail.get(p, 0) > 0:
+            FlakyFileSystem.fail[p] -= 1
+            raise ConnectionResetError(f"[Errno 104] Connection reset by peer (reading {p})")
+        return super().cat_file(path, start, end, **kwargs)
+
+
+def test_a_storage_read_that_fails_twice_fails_the_unit_and_loses_no_image(tmp_path, image_folder, tiny_checkpoint,
+                                                                         fast_run_dir):
+    """A transient read error counted as an unreadable image: the image left D for good. Now it fails the unit, which
+    is tried again (max_attempts 3), and D, the failures and the ranking are those of an undisturbed run."""
+    import fsspec
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    reference = RunDir(fast_run_dir)
+    d = sorted(reference.read_folder("masks")["image_id"].to_pylist())
+    victim = open_source(image_folder).records[d[0]].path
+    FlakyFileSystem.fail, FlakyFileSystem.reads = {victim: 2}, {}
+    p = Pipeline(job(tmp_path, f"flaky://{image_folder}", tiny_checkpoint), progress=False)
+    p.run_all()
+    assert FlakyFileSystem.fail[victim] == 0 and FlakyFileSystem.reads[victim] >= 3  # two failed attempts, then one
+    run = RunDir(p.job.out)
+    assert sorted(run.read_folder("masks")["image_id"].to_pylist()) == d
+    assert run.read_folder("failures")["path"].to_pylist() == [os.path.join(image_folder, "a", "zz_broken.png")]
+    assert rankings(p.job.out).select(["layer", "head", "rank"]).equals(rankings(fast_run_dir).select(["layer", "head", "rank"]))
+    np.testing.assert_allclose(rankings(p.job.out)["score"].to_numpy(), rankings(fast_run_dir)["score"].to_numpy(),
+                               rtol=0, atol=1e-9)
+
+    # a read that keeps failing fails its unit for good (recorded, the command exits 1), never the image
+    from cigma_ray.pipeline import UnitsFailed
+
+    FlakyFileSystem.fail = {victim: 10}
+    p = Pipeline(job(tmp_path, f"flaky://{image_folder}", tiny_checkpoint, name="down"), progress=False)
+    with pytest.raises(UnitsFailed, match="ConnectionResetError"):
+        p.run_all()
+    failures = RunDir(p.job.out).read_folder("failures").to_pylist()
+    assert [(f["kind"], f["stage"], f["attempts"]) for f in failures if f["kind"] == "unit"] == [("unit", "predict", 3)]
+    assert victim not in [f["path"] for f in failures]

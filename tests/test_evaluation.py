@@ -61,10 +61,12 @@ def other_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, image_folder, tiny_checkpoint):
-    """The finished tiny run, reopened as evaluation sees it (model, data and replica rebuilt from run.json)."""
-    pipeline = finished_run(tmp_path_factory.mktemp("prune") / "run", image_folder, tiny_checkpoint, FAST)
-    return open_run(pipeline.job.out).reopen()
+def tiny_run(tmp_path_factory, fast_run_dir):
+    """The finished tiny run (a copy of conftest's fast_run_dir, made with FAST), reopened as evaluation sees it (model,
+    data and replica rebuilt from run.json)."""
+    out = tmp_path_factory.mktemp("prune") / "run"
+    shutil.copytree(fast_run_dir, out)
+    return open_run(str(out)).reopen()
 
 
 def test_pruned_evaluation_equals_weight_zeroing(tiny_run):
@@ -220,3 +222,45 @@ def test_auto_k_chooses_within_the_guard_on_held_out_images(scored_run):
 
     bad = cli("prune", scored_run, "--auto-k", "--k", "2", check=False)
     assert bad.returncode == 2 and "--k-grid" in bad.stderr
+
+
+def test_cached_eval_masks_belong_to_their_images(tmp_path, fast_run_dir, other_folder):
+    """The eval-mask cache was keyed by the listing and the count only: once an image became unreadable, the cached
+    masks were applied to other images. Now it is keyed by the sampled images' ids and checked when read."""
+    from cigma_ray.data import open_source
+    from cigma_ray.evaluation import eval_set
+
+    out, data = tmp_path / "run", tmp_path / "eval"
+    shutil.copytree(fast_run_dir, out)
+    shutil.copytree(other_folder, data)
+    scanned = open_run(str(out)).reopen()
+    first = eval_set(scanned, open_source(str(data)), 4, "ev")
+    old_cache, = os.listdir(out / "eval")
+    victim = open_source(str(data)).records[0].path  # the first image: its removal shifts the sample
+    with open(victim, "wb") as f:
+        f.write(b"unreadable now")
+    again = eval_set(scanned, open_source(str(data)), 4, "ev")
+    assert len(again.skipped) == 1 and not torch.equal(again.mask_images, first.mask_images)
+    expected = scanned.replica.masks(again.mask_images, scanned.cfg).fg  # one group of mask_batch=4, as eval_set learns
+    assert torch.equal(again.fg, expected)
+    assert torch.equal(eval_set(scanned, open_source(str(data)), 4, "ev").fg, expected)  # now from its own cache
+    new_cache, = set(os.listdir(out / "eval")) - {old_cache}
+    # a cache file that holds other images (or is damaged) is not trusted: the masks are learned again
+    shutil.copy(out / "eval" / old_cache, out / "eval" / new_cache)
+    assert torch.equal(eval_set(scanned, open_source(str(data)), 4, "ev").fg, expected)
+    (out / "eval" / new_cache).write_bytes(b"PAR1 truncated")
+    assert torch.equal(eval_set(scanned, open_source(str(data)), 4, "ev").fg, expected)
+
+
+def test_evaluations_print_a_line_per_configuration_unless_quiet(tiny_run, capsys):
+    """prune and sweep printed nothing between their first and last lines for tens of minutes (with --quiet, or in
+    a log, where a bar drawn in place keeps nothing): now a line per configuration, with what it measured and an ETA."""
+    out = tiny_run.run.url
+    assert main(["sweep", out, "--k", "0,1", "--random-seeds", "1", "--scores", "big_drop"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prune ")]
+    assert len(lines) == 4  # the intact model, the top 1, 1 random head, the lowest
+    assert lines[0].startswith("prune 1/4  the intact model on ") and "accuracy" in lines[0] and "ETA" in lines[0]
+    assert lines[1].startswith("prune 2/4  the top 1 by big_drop on ") and "BIR" in lines[1]
+    assert "ETA" not in lines[-1] and lines[-1].startswith("prune 4/4  the 1 lowest by")
+    assert main(["sweep", out, "--k", "0,1", "--random-seeds", "1", "--scores", "big_drop", "--quiet"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("prune ")]

@@ -16,7 +16,7 @@ from cigma_ray.method import counterfactuals, head_scores, js, probs
 from cigma_ray.models.attention import find_attentions
 from cigma_ray.models.surgery import zeroed_head
 from cigma_ray.pipeline import Pipeline, Worker, run_status, select_images
-from cigma_ray.rundir import RunDir
+from cigma_ray.rundir import RunDir, StorageError
 
 from helpers import FAST, cli, job, model_args, rankings, write_folder
 
@@ -141,8 +141,9 @@ def test_rank_refuses_deltas_that_miss_or_repeat_cells(tmp_path, image_folder, t
     Pipeline(j, progress=False).run_all()
     run = RunDir(j.out)
     first, second = run.list("deltas")[:2]
-    run.write_table(f"deltas/{second}", run.read_table(f"deltas/{first}"))  # first's cells twice, second's none
-    with pytest.raises(RuntimeError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
+    # first's cells twice, second's none: whole files with matching receipts, so only the ranking can tell
+    run.write_unit(f"deltas/{second}", run.read_table(f"deltas/{first}"))
+    with pytest.raises(StorageError, match=r"cells missing or repeated\): remove the run's deltas/ folder"):
         Pipeline(j, progress=False).run_all()
 
 
@@ -186,6 +187,7 @@ def test_iterative_rounds_rescan_the_rest_on_the_pruned_model(tmp_path, image_fo
     assert final["rank"].to_pylist() == list(range(1, len(p.adapter.heads) + 1))
     assert final["round"].to_pylist() == [0, 0, 1, 1] + [2] * (len(p.adapter.heads) - 4)
     assert list(zip(final["layer"].to_pylist(), final["head"].to_pylist()))[:4] == removed[:4]
+    assert_one_notion_of_rank(p.job.out, removed[:4])
     status = run_status(run)["stages"]
     shards = -(-masks.num_rows // FAST.unit_images)
     assert status["scan"] == status["scan round 1"] == status["scan round 2"] == (shards, shards)
@@ -207,3 +209,196 @@ def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny
     assert "bir_drop" not in pq.read_table(os.path.join(out, "rankings.parquet")).column_names
     bad = cli("sweep", out, "--k", "1", "--scores", "bir_drop", check=False)
     assert bad.returncode == 2 and "did not measure FIG" in bad.stderr
+
+
+def test_damaged_unit_files_are_reported_and_redone(tmp_path, fast_run_dir, monkeypatch, capsys):
+    """Unit files are checked against the sha256 of their receipts: `status` names damaged ones, a re-run redoes
+    exactly those (a file from before receipts were kept is checked by parsing it, then adopted), and ranking
+    never meets a truncated file."""
+    import shutil
+
+    from cigma_ray.cli import main
+    from cigma_ray.pipeline import Job
+
+    out = str(tmp_path / "run")
+    shutil.copytree(fast_run_dir, out)
+    run = RunDir(out)
+    before = rankings(out)
+    deltas, masks = run.list("deltas"), run.list("masks")
+    truncated, flipped, legacy = f"deltas/{deltas[1]}", f"masks/{masks[0]}", f"deltas/{deltas[0]}"
+    with open(run.path(truncated), "r+b") as f:
+        f.truncate(os.path.getsize(run.path(truncated)) // 2)
+    with open(run.path(flipped), "r+b") as f:  # same size, one byte changed
+        f.seek(os.path.getsize(run.path(flipped)) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.remove(run.path("receipts", legacy + ".json"))
+
+    status = run_status(run)
+    assert set(status["damaged"]) == {truncated, flipped}
+    assert "checksum mismatch" in status["damaged"][truncated] and "bytes" in status["damaged"][truncated]
+    assert status["stages"]["mask"][1] - status["stages"]["mask"][0] == 1
+    assert status["stages"]["scan"][1] - status["stages"]["scan"][0] == 1  # the legacy file counts as done
+    assert main(["status", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"damaged  {truncated}: checksum mismatch" in printed and "run the same scan command again" in printed
+
+    done = []
+    original = Worker.run_unit
+    monkeypatch.setattr(Worker, "run_unit", lambda self, unit, cb=None: done.append(unit.file) or original(self, unit, cb))
+    meta = run.read_json("run.json")
+    Pipeline(Job.of_run(meta, out), progress=False).run_all()
+    assert sorted(done) == sorted([truncated, flipped])
+    assert "redoing 1 damaged unit file(s): masks/" in capsys.readouterr().err
+    assert rankings(out).equals(before)
+    assert run.exists("receipts", legacy + ".json")  # adopted: checked by checksum from now on
+    assert run_status(run)["damaged"] == {}
+
+
+def test_a_damaged_file_outside_units_is_a_named_error(tmp_path, scored_run, capsys):
+    """A truncated rankings.parquet: `show` says which file and what to do, exit 2, no ArrowInvalid traceback."""
+    import shutil
+
+    from cigma_ray.cli import main
+
+    out = str(tmp_path / "run")
+    shutil.copytree(scored_run, out)
+    path = os.path.join(out, "rankings.parquet")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    assert main(["show", out]) == 2
+    err = capsys.readouterr().err
+    assert "rankings.parquet is damaged" in err and "Traceback" not in err and len(err.splitlines()) <= 2
+
+
+def assert_one_notion_of_rank(out: str, removed: list) -> None:
+    """prune, sweep and --auto-k (control_heads, the run's top_heads), export (chosen_heads), show (the printed table)
+    and report (the heads listed) remove or show the same heads, for every K: the removed heads first, in order."""
+    from cigma_ray.evaluation.experiments import control_heads
+    from cigma_ray.export import chosen_heads
+    from cigma_ray.reports.pruning import heads_lines
+    from cigma_ray.reports.run import top_heads_text
+    from cigma_ray.rundir import open_run
+
+    run = open_run(out)
+    table = run.rankings()
+    order = list(zip(table.sort_by("rank")["layer"].to_pylist(), table.sort_by("rank")["head"].to_pylist()))
+    assert order[: len(removed)] == removed
+    assert table[f"{run.score}_rank"].to_pylist() == table["rank"].to_pylist()
+    for k in range(1, run.n_heads + 1):
+        prune = control_heads(run, run.heads, k, [0], [run.score])[0][2]
+        export = chosen_heads(run, k, None, run.score)[0]
+        shown = [tuple(map(int, line.split()[1:3])) for line in top_heads_text(run, k).splitlines()[-k:]]
+        listed = heads_lines(run, [k], [run.score])[0].split(": ", 1)[1].split()
+        assert prune == export == shown == order[:k] == [tuple(map(int, h.split("."))) for h in listed], k
+
+
+def test_iterative_rounds_keep_their_unit_identity_in_failures(tmp_path, fast_run_dir, image_folder):
+    """An image unreadable in round 1's scan is recorded under round 1's unit, never over round 0's failures file."""
+    import shutil
+    from dataclasses import replace
+
+    from cigma_ray.pipeline import Job
+    from cigma_ray.pipeline.units import scan_units
+
+    out, data = str(tmp_path / "run"), str(tmp_path / "data")
+    shutil.copytree(fast_run_dir, out)
+    shutil.copytree(image_folder, data)
+    run = RunDir(out)
+    job = replace(Job.of_run(run.read_json("run.json"), out), data=data)
+    worker = Worker(job)
+    selected = sorted(run.read_folder("masks")["image_id"].to_pylist())
+    heads_per_layer = worker.loaded.adapter.heads_per_layer
+    round0 = scan_units(selected, job.config, heads_per_layer)[0]
+    round1 = scan_units(selected, job.config, heads_per_layer, 1, [(0, 0)])[0]
+    assert round0.failure_file != round1.failure_file
+    with open(worker.source.records[round1.image_ids[0]].path, "wb") as f:
+        f.write(b"no longer an image")
+    worker.run_unit(round1)
+    assert not run.exists(round0.failure_file)
+    failures = run.read_table(round1.failure_file).to_pylist()
+    assert [(f["kind"], f["unit"], f["image_id"]) for f in failures] == [("image", round1.file, round1.image_ids[0])]
+    assert round1.file.startswith("deltas/round-01/")
+
+
+def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run_dir, capsys):
+    """A mask unit reported its images once, at its end (a 39-image unit showed 0/39 for minutes): it now ticks once
+    per optimisation step, and the stage's bar counts image-steps."""
+    import shutil
+
+    from cigma_ray.pipeline import Job
+    from cigma_ray.pipeline.units import mask_units
+
+    out = str(tmp_path / "run")
+    shutil.copytree(fast_run_dir, out)
+    run = RunDir(out)
+    job = Job.of_run(run.read_json("run.json"), out)
+    unit = mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config)[0]
+    ticks = []
+    Worker(job).run_unit(unit, ticks.append)
+    assert ticks == [len(unit.image_ids)] * job.config.mask_steps
+
+    os.remove(run.path(unit.file))
+    os.remove(run.path("receipts", unit.file + ".json"))
+    Pipeline(job, progress=True).run_all()
+    err = capsys.readouterr().err
+    total = sum(len(u.image_ids) for u in mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config))
+    assert f"/{total * job.config.mask_steps}" in err and "img-step/s" in err
+
+
+# A scan whose mask units (60 steps) and scan units (one image each) are long enough to be interrupted in the middle.
+KILLED = FAST.replace(mask_steps=60, unit_images=1, bootstrap=50)
+KILLED_YAML = "".join(f"{k}: {getattr(KILLED, k)}\n" for k in ("tp_ratio", "mask_steps", "mask_batch", "unit_images",
+                                                                 "bootstrap", "top_k", "batch_size"))
+
+
+def killed_scan_args(tmp_path, image_folder, tiny_checkpoint) -> list[str]:
+    path, name, kwargs = tiny_checkpoint
+    (tmp_path / "killed.yaml").write_text(KILLED_YAML)
+    return ["scan", "--model", f"timm:{name}", "--checkpoint", path, "--model-kwargs", *model_args(kwargs),
+            "--data", image_folder, "--out", str(tmp_path / "run"), "--config", str(tmp_path / "killed.yaml"), "--quiet"]
+
+
+def test_sigkill_during_the_mask_stage_and_the_scan_resumes_to_the_same_rankings(tmp_path, image_folder,
+                                                                                  tiny_checkpoint):
+    """The real command (a process of its own, in-process run) killed with SIGKILL in the middle of the mask stage,
+    run again and killed in the middle of the scan, then run to the end: its rankings are an uninterrupted run's."""
+    import signal
+
+    from helpers import interrupt_when
+
+    reference = Pipeline(job(tmp_path, image_folder, tiny_checkpoint, "reference", cfg=KILLED), progress=False)
+    reference.run_all()
+    units = {folder: len(RunDir(reference.job.out).list(folder)) for folder in ("masks", "deltas")}
+    assert units["masks"] >= 2 and units["deltas"] >= 3
+    args = killed_scan_args(tmp_path, image_folder, tiny_checkpoint)
+    run = RunDir(str(tmp_path / "run"))
+
+    killed = interrupt_when(args, run.path("masks"), signal.SIGKILL)
+    assert killed is not None and killed.returncode == -signal.SIGKILL
+    assert 1 <= len(run.list("masks")) < units["masks"] and not run.exists("deltas")  # killed during the mask stage
+
+    killed = interrupt_when(args, run.path("deltas"), signal.SIGKILL)
+    assert killed is not None and killed.returncode == -signal.SIGKILL
+    assert len(run.list("masks")) == units["masks"] and 1 <= len(run.list("deltas")) < units["deltas"]
+    assert not run.exists("rankings.parquet")  # killed during the scan
+
+    cli(*args)
+    assert run_status(run)["damaged"] == {}
+    got, want = rankings(run.url), rankings(reference.job.out)
+    assert got.select(["layer", "head", "rank"]).equals(want.select(["layer", "head", "rank"]))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_ctrl_c_exits_130_saying_the_same_command_resumes(tmp_path, image_folder, tiny_checkpoint):
+    import signal
+
+    from helpers import interrupt_when
+
+    args = killed_scan_args(tmp_path, image_folder, tiny_checkpoint)
+    stopped = interrupt_when(args, str(tmp_path / "run" / "masks"), signal.SIGINT)
+    assert stopped is not None and stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == ("cigma-ray scan: interrupted; finished units are kept: run the "
+                                                       "same command again to resume")

@@ -29,8 +29,10 @@ def test_incompatible_rerun_is_refused(tmp_path, image_folder, tiny_checkpoint):
     with pytest.raises(RunMismatch, match="unit_images"):
         Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(unit_images=5)), progress=False)
     other = write_folder(tmp_path / "other", per_class=3, seed=5)
-    with pytest.raises(RunMismatch, match="image listing"):
+    with pytest.raises(RunMismatch, match="image listing") as refused:
         Pipeline(job(tmp_path, other, tiny_checkpoint), progress=False)
+    # the image count changed, not the units: the message says so and does not blame unit_images
+    assert "(9 images now, 31 in the run)" in str(refused.value) and "unit_images" not in str(refused.value)
     # what never changes results may change
     Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=FAST.replace(batch_size=2, top_k=5)), progress=False)
 
@@ -90,3 +92,50 @@ def test_reopen_refuses_other_weights_or_another_listing(scored_run, tmp_path, t
 def test_a_folder_without_run_json_is_no_run(tmp_path):
     with pytest.raises(StorageError, match="is not a run directory"):
         open_run(str(tmp_path))
+
+
+def test_out_at_or_inside_the_data_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, capsys):
+    """A run inside its image folder made the folder a Parquet table for the next command; locally (however the path
+    is spelled) and on object storage (by bucket and key prefix), without a request."""
+    from cigma_ray.cli import main
+    from cigma_ray.models import ModelSpec
+    from cigma_ray.pipeline import Job
+    from cigma_ray.rundir import within
+
+    assert within("s3://b/images/run", "s3://b/images") and within("s3://b/images/", "s3://b/images")
+    assert within("s3://b/images", "s3://b/images/") and within("s3://b/images/x/../run", "s3://b/images")
+    assert not within("s3://b/images2/run", "s3://b/images") and not within("s3://c/images/run", "s3://b/images")
+    assert not within(str(tmp_path / "images"), "s3://b" + str(tmp_path / "images"))
+    data = write_folder(tmp_path / "images", per_class=2)
+    os.symlink(data, tmp_path / "link")
+    listing = sorted(os.walk(data))
+    path, name, kwargs = tiny_checkpoint
+    spec = ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs)
+    for out in (data, f"{data}/", f"{data}/run", str(tmp_path / "link" / "run"), f"{tmp_path}/other/../images/a/run"):
+        with pytest.raises(StorageError, match=r"--out .* (is|is inside) --data .*choose an --out outside"):
+            Pipeline(Job(model=spec, data=data, out=out, config=FAST), progress=False)
+        assert main(["scan", "--model", f"timm:{name}", "--checkpoint", path, "--data", data, "--out", out]) == 2
+        assert "choose an --out outside" in capsys.readouterr().err
+    assert main(["scan", "--model", "timm:vit_tiny_patch16_224", "--random-weights", "--data", "s3://bucket/images",
+                 "--out", "s3://bucket/images/runs/x"]) == 2
+    assert "is inside --data s3://bucket/images" in capsys.readouterr().err
+    assert sorted(os.walk(data)) == listing  # nothing was written among the images
+    # a run's eval/ files among eval images: refused too (eval data inside the run, as the demo has, is fine)
+    assert main(["prune", f"{data}/run", "--eval-data", data]) == 2
+    assert "the run directory" in capsys.readouterr().err
+    assert main(["sweep", "s3://bucket/images/runs/x", "--k", "1", "--eval-data", "s3://bucket/images"]) == 2
+    assert "is inside --eval-data s3://bucket/images" in capsys.readouterr().err
+
+
+def test_out_an_existing_file_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from cigma_ray.cli import main
+    from cigma_ray.models import registry
+
+    monkeypatch.setattr(registry, "LOADERS", {})  # any model load would fail loudly
+    data = write_folder(tmp_path / "images", per_class=1)
+    (tmp_path / "file").write_text("mine")
+    assert main(["scan", "--model", "timm:vit_tiny_patch16_224", "--random-weights", "--data", data,
+                 "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is an existing file" in err and "unknown model family" not in err
+    assert (tmp_path / "file").read_text() == "mine"

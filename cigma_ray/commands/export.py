@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
-from .options import add_run_arg
+from ..config import ConfigError
+from .options import add_run_arg, check_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,13 @@ class Settings:
 
 
 def settings(args: argparse.Namespace) -> Settings:
+    for path, flag in ((args.out, "--out"), (args.smaller, "--smaller")):
+        if path is not None and (os.path.isdir(path) or path.endswith(("/", os.sep))):
+            raise ConfigError(f"{flag} {path}: is a directory; give the file to write, e.g. "
+                              f"{os.path.join(path, 'pruned.pth' if flag == '--out' else 'pruned-small.pt')}")
+    if args.smaller is not None and os.path.abspath(args.smaller) == os.path.abspath(args.out):
+        raise ConfigError(f"--smaller {args.smaller} is the --out file; give it another name")
+    check_checkpoint(args.checkpoint)
     return Settings(args.run, args.out, args.k, args.heads, args.score, args.smaller, args.checkpoint)
 
 

@@ -7,13 +7,15 @@ the command line that gives it, so `cluster render` builds its entrypoint from t
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from dataclasses import dataclass
 
 import yaml
 
 from ..config import ConfigError
 from ..method import SCORES
-from ..models import ModelSpec
+from ..models import ModelError, ModelSpec
 
 HEADS = ("vision", "vision+text")
 SCORINGS = ("sequence", "first")
@@ -46,12 +48,40 @@ def read_classes(path: str | None) -> tuple[str, ...]:
     return names
 
 
+def check_device_name(device: str | None) -> str | None:
+    """--device is cpu or cuda[:N] (checked by its spelling alone: a Ray driver need not have the GPUs)."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r}: use cpu or cuda[:N] (e.g. --device cuda:0)")
+    return device
+
+
 def check_device(device: str) -> str:
+    """--device spelled right, and CUDA there when it names CUDA (for work in this process)."""
     import torch
 
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def check_count(value: int | None, flag: str, least: int = 1, what: str = "") -> None:
+    """An integer option that must be at least `least` (None: not given)."""
+    if value is not None and value < least:
+        raise ConfigError(f"{flag} {value}: {what or 'give a count'} of at least {least}")
+
+
+def check_checkpoint(path: str | None) -> None:
+    """--checkpoint names a readable file (before anything is loaded)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ModelError(f"--checkpoint {path}: is a directory; give the weights file (.pth, .pt or .safetensors)")
+    if not os.path.isfile(path):
+        raise ModelError(f"--checkpoint {path}: file not found")
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -95,6 +125,8 @@ class ModelOptions:
                       img_size=args.img_size, model_kwargs=tuple(args.model_kwargs or ()),
                       random_weights=args.random_weights, classes=args.classes, prompts=tuple(args.prompt),
                       heads=args.heads, scoring=args.scoring)
+        check_count(options.num_classes, "--num-classes", what="the classifier's outputs, a count")
+        check_count(options.img_size, "--img-size", what="the input size in pixels, a size")
         parse_kwargs(options.model_kwargs)
         return options
 
@@ -166,8 +198,13 @@ class ScanOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ScanOptions":
+        """The scan's options, checked by what they say (no model, data or storage is touched): `--out` apart
+        from `--data`, a device spelled right."""
+        from ..rundir import check_out
+
+        check_out(args.out, [args.data], existing_file=False)  # (render: the pods' paths, not this machine's)
         return cls(model=ModelOptions.from_args(args), data=args.data, out=args.out, config=args.config,
-                   device=args.device, precision=args.precision, quiet=args.quiet)
+                   device=check_device_name(args.device), precision=args.precision, quiet=args.quiet)
 
     def to_argv(self, config_path: str | None = None, classes_path: str | None = None) -> list[str]:
         """`cigma-ray scan`'s options for this scan, with the config and classes files at the given paths."""
@@ -222,6 +259,12 @@ class EvalOptions:
     def from_args(cls, args: argparse.Namespace) -> "EvalOptions":
         if args.mask_images < 1 or args.random_seeds < 1:
             raise ConfigError("--mask-images and --random-seeds must be at least 1")
+        check_device_name(args.device)
+        check_checkpoint(args.checkpoint)
+        from ..rundir import check_out
+
+        for url in args.eval_data or ():  # eval/ files among the images would make them a Parquet table
+            check_out(args.run, [url], data_label="--eval-data", out_label="the run directory")
         return cls(run=args.run, eval_data=tuple(args.eval_data or ()), mask_images=args.mask_images,
                    random_seeds=args.random_seeds, scores=args.scores, device=args.device,
                    checkpoint=args.checkpoint, quiet=args.quiet)

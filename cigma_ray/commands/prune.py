@@ -46,7 +46,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
-    from ..evaluation import eval_sets, prune
+    from ..evaluation import eval_sets, open_eval_source, prune
     from ..reports.pruning import heads_lines, pruning_text
     from ..rundir import open_run
 
@@ -56,8 +56,10 @@ def run(s: Settings) -> int:
         return run_auto_k(s, ranked)
     k = ranked.resolve_k(s.k)
     scores = ranked.parse_scores(s.eval.scores)
+    for url in s.eval.eval_data:  # listed and checked before the model loads
+        open_eval_source(ranked, url)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
-    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images)
+    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = prune(scanned, sets, k, seeds, scores, not s.eval.quiet)
     print(f"removing {k} heads together, the top by {', '.join(scores)}, against {k} random heads and the {k} "
@@ -69,17 +71,19 @@ def run(s: Settings) -> int:
 
 
 def run_auto_k(s: Settings, ranked) -> int:
-    from ..evaluation import auto_k, default_k_grid, heldout_set
+    from ..evaluation import auto_k, default_k_grid, heldout_set, open_eval_source
     from ..reports.pruning import auto_k_text
 
     ks = default_k_grid(ranked.n_heads) if s.k_grid is None else list(s.k_grid)
     for k in ks:
         ranked.resolve_k(k, "--k-grid")
     scores = ranked.parse_scores(s.eval.scores)
+    for url in s.eval.eval_data:  # listed and checked before the model loads
+        open_eval_source(ranked, url)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
     max_drop = scanned.cfg.max_clean_drop if s.max_clean_drop is None else s.max_clean_drop
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
-    data = heldout_set(scanned, s.eval.eval_data[0] if s.eval.eval_data else None, s.eval.mask_images)
+    data = heldout_set(scanned, s.eval.eval_data[0] if s.eval.eval_data else None, s.eval.mask_images, not s.eval.quiet)
     print(f"choosing the score and K on held-out images, K in {', '.join(map(str, ks))}, scores {', '.join(scores)}:")
     result = auto_k(scanned, data, ks, seeds, scores, max_drop, not s.eval.quiet)
     print(auto_k_text(result, data, scanned.cfg))

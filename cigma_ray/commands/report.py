@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from .options import add_run_arg, check_device
+from .options import add_run_arg, check_checkpoint, check_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ class Settings:
 def settings(args: argparse.Namespace) -> Settings:
     if args.images < 0:
         raise ConfigError(f"--images {args.images}: give a count of 0 or more")
+    check_checkpoint(args.checkpoint)
     return Settings(args.run, args.k, args.images, check_device(args.device), args.checkpoint)
 
 

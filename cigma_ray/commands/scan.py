@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 from .. import config as config_mod
-from ..config import Config
-from .options import ScanOptions, add_scan_args, check_device
+from ..config import Config, ConfigError
+from .options import ScanOptions, add_scan_args, check_checkpoint, check_count, check_device, parse_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,9 +37,33 @@ class Settings:
 
 
 def settings(args: argparse.Namespace) -> Settings:
+    """Everything the arguments say by themselves, before any model, data, storage or cluster is touched."""
+    from ..rundir import check_out
+
     cfg = config_mod.load(args.config)
     overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round)) if v is not None}
-    return Settings(scan=ScanOptions.from_args(args), config=cfg.replace(**overrides) if overrides else cfg,
+    scan = ScanOptions.from_args(args)
+    if not args.dry_run:  # a dry run reads no files (it checks a pod's command line, whose paths are the pod's)
+        check_out(args.out)  # an existing file: refused before the model loads
+        check_checkpoint(args.checkpoint)
+    if not scan.model.model.startswith("hf:"):  # an hf: directory is read when the scan starts (it may be on S3)
+        from ..models import ModelSpec, check_name
+
+        check_name(ModelSpec(scan.model.model, model_kwargs=parse_kwargs(scan.model.model_kwargs),
+                             img_size=scan.model.img_size))
+    check_count(args.replicas, "--replicas", what="model replicas, a count")
+    for value, flag in ((args.cpus_per_replica, "--cpus-per-replica"), (args.gpus_per_replica, "--gpus-per-replica")):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} {value}: give a number of 0 or more (fractions share a device)")
+    if args.cpus_per_replica is not None and args.cpus_per_replica <= 0 and not args.gpus_per_replica:
+        raise ConfigError(f"--cpus-per-replica {args.cpus_per_replica}: a replica without GPUs needs CPUs (e.g. 1)")
+    if args.address is not None:
+        from ..distributed import address_parts
+
+        address_parts(args.address)  # the spelling only; whether anyone listens is checked before the model loads
+    else:
+        check_device(args.device or "cpu")  # in this process: CUDA must be here (on Ray, the replicas' GPUs count)
+    return Settings(scan=scan, config=cfg.replace(**overrides) if overrides else cfg,
                     dry_run=args.dry_run, address=args.address, replicas=args.replicas,
                     gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
 
@@ -55,7 +80,7 @@ def run(s: Settings) -> int:
         return dry_run(s, spec)
     scan = s.scan
     if s.address is None:
-        job = Job(model=spec, data=scan.data, out=scan.out, config=s.config, device=check_device(scan.device or "cpu"),
+        job = Job(model=spec, data=scan.data, out=scan.out, config=s.config, device=scan.device or "cpu",
                   precision=replica_precision(s, spec))
         Pipeline(job, progress=not scan.quiet).run_all()
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .options import add_run_arg
+from .options import add_run_arg, check_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ class Settings:
 
 
 def settings(args: argparse.Namespace) -> Settings:
+    check_count(args.top, "--top", what="heads to print, a count")
     return Settings(args.run, args.top, args.score)
 
 

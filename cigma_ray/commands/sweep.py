@@ -24,7 +24,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
-    from ..evaluation import eval_sets, sweep
+    from ..evaluation import eval_sets, open_eval_source, sweep
     from ..reports.pruning import heads_lines, pruning_text, write_sweep_figure
     from ..rundir import open_run
 
@@ -32,8 +32,10 @@ def run(s: Settings) -> int:
     ranked.require_rankings("sweep")
     ks = [ranked.resolve_k(k, "--k", allow_zero=True) for k in s.ks]
     scores = ranked.parse_scores(s.eval.scores)
+    for url in s.eval.eval_data:  # listed and checked before the model loads
+        open_eval_source(ranked, url)
     scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
-    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images)
+    sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
     seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = sweep(scanned, sets, ks, seeds, scores, not s.eval.quiet)
     plot = write_sweep_figure(ranked.dir, rows, scanned.cfg.ci_level)

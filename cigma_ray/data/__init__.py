@@ -1,4 +1,4 @@
 """Image sources: ImageFolder trees and Parquet tables, plus the generated demo data."""
-from .sources import DataError, ImageSource, Record, open_source
+from .sources import DataError, ImageReadError, ImageSource, Record, open_source
 
-__all__ = ["DataError", "ImageSource", "Record", "open_source"]
+__all__ = ["DataError", "ImageReadError", "ImageSource", "Record", "open_source"]

@@ -27,6 +27,11 @@ class DataError(ValueError):
     """Data that cannot be used; the message names the path and the fix."""
 
 
+class ImageReadError(OSError):
+    """Reading images' bytes failed (storage, network): not the images' fault. The unit that read them fails and
+    is retried like any unit failure; only an image that cannot be decoded is skipped and recorded."""
+
+
 @dataclass(frozen=True)
 class Record:
     image_id: int
@@ -71,13 +76,23 @@ class ImageSource:
                             "these classes, or name the class folders by the model's class index (0, 1, ...)")
 
     def load(self, records: list[Record], transform: Callable) -> tuple[torch.Tensor | None, list[Record], list[tuple[Record, str]]]:
-        """(stacked tensors, records that loaded, (record, error) for those that did not)."""
+        """(stacked tensors, records that loaded, (record, error) for those that could not be decoded).
+
+        A failed read of the bytes raises ImageReadError instead: a flaky GET must fail (and retry) the unit,
+        never drop the image from D for good."""
         tensors, ok, failed = [], [], []
         if self._prefetch is not None:
-            self._prefetch(records)
+            try:
+                self._prefetch(records)
+            except Exception as e:  # noqa: BLE001 - storage and network errors come in many types
+                raise ImageReadError(f"reading {len(records)} images of {self.url}: {type(e).__name__}: {e}") from e
         for r in records:
             try:
-                with Image.open(io.BytesIO(self._read(r))) as img:
+                data = self._read(r)
+            except Exception as e:  # noqa: BLE001 - as above
+                raise ImageReadError(f"reading {r.path}: {type(e).__name__}: {e}") from e
+            try:
+                with Image.open(io.BytesIO(data)) as img:
                     tensors.append(transform(img.convert("RGB")))
                 ok.append(r)
             except Exception as e:  # noqa: BLE001 - any decode error is a per-image failure

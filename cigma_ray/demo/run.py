@@ -50,7 +50,7 @@ def run_demo(out: str, progress: bool = True) -> dict:
     scanned = run.reopen()
     sets = []
     for split in EVAL_SPLITS:
-        data = eval_set(scanned, open_source(str(paths[split])), EVAL_MASK_IMAGES, split)
+        data = eval_set(scanned, open_source(str(paths[split])), EVAL_MASK_IMAGES, split, progress=progress)
         if data.skipped:
             raise RuntimeError(f"demo data under {paths[split]} is damaged ({data.skipped[0]}); delete it and run the "
                                "demo again")
@@ -63,7 +63,7 @@ def run_demo(out: str, progress: bool = True) -> dict:
     print(trade_off_table(rows, EVAL_SPLITS, RANDOM_SEEDS))
 
     print("\nchoosing a score and K automatically (prune --auto-k) on the scan split's images outside D:")
-    heldout = heldout_set(scanned, None, MASK_IMAGES)
+    heldout = heldout_set(scanned, None, MASK_IMAGES, progress)
     result = auto_k(scanned, heldout, default_k_grid(len(scanned.heads)), seeds, list(SCORES),
                     scanned.cfg.max_clean_drop, progress)
     print(auto_k_text(result, heldout, scanned.cfg))

@@ -94,13 +94,14 @@ class Replica:
         out, self.batch_size = halving_on_oom(lambda size: batched(run, images, size).cpu(), self.batch_size)
         return out
 
-    def masks(self, images: torch.Tensor, cfg: Config) -> MaskResult:
+    def masks(self, images: torch.Tensor, cfg: Config, on_step: Callable[[], None] | None = None) -> MaskResult:
         """Learn the masks of these images together, binarise them, and measure FIG, BIG, BIR.
 
         The images are optimised as one batch whatever `batch_size` is: Adam's normalised steps
         amplify float rounding in near-zero gradients, so only a fixed batch composition (the
         run's mask unit) gives masks that are reproducible bit for bit. Each step's forward and
         backward may run in slices of the config's `mask_micro_batch` images, fixed per run too.
+        `on_step` is called after each of the mask_steps optimisation steps.
         """
         x = self.upload(images)
         fits = self.mask_micro_batch_that_fits()
@@ -112,7 +113,7 @@ class Replica:
                 q = probs(batched(self._logits, x, cfg.mask_micro_batch or len(x)), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
                                   mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
-                                  micro_batch=cfg.mask_micro_batch).cpu()
+                                  micro_batch=cfg.mask_micro_batch, on_step=on_step).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
             estimate = f"; by the estimate {fits} fit, which `cigma-ray plan` prints too" if fits is not None else ""
             raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; set the "

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..method import SCORES
-from ..progress import progress_bar
-from ..rundir import Scanned, top_heads
+from ..progress import ProgressLines
+from ..rundir import Scanned
 from .evalsets import EvalSet
 from .experiments import experiment_rows, random_heads
 
@@ -43,9 +43,8 @@ def auto_k_rows(scanned: Scanned, data: EvalSet, ks: list[int], seeds: list[int]
     A score stops growing K once two K in a row break the guard: clean accuracy only falls further as
     more heads go, and each evaluation is a pass over the held-out images.
     """
-    rankings = scanned.run.rankings()
     replica, cfg = scanned.replica, scanned.cfg
-    with progress_bar("auto-k", 1 + len(ks) * (len(scores) + len(seeds)), 0, "eval", progress) as bar:
+    with ProgressLines("auto-k", 1 + len(ks) * (len(scores) + len(seeds)), progress) as bar:
         plan = [("intact", None, [])]
         rows = experiment_rows(replica, data, plan, cfg, bar)
         intact = rows[0]["accuracy"]
@@ -56,7 +55,7 @@ def auto_k_rows(scanned: Scanned, data: EvalSet, ks: list[int], seeds: list[int]
                 if broken == 2:
                     bar.update(1)
                     continue
-                row, = experiment_rows(replica, data, [(score, None, top_heads(rankings, k, score=score))], cfg, bar)
+                row, = experiment_rows(replica, data, [(score, None, scanned.run.top_heads(k, score))], cfg, bar)
                 rows.append(row)
                 evaluated.add(k)
                 broken = broken + 1 if intact - row["accuracy"] > max_clean_drop else 0

@@ -15,7 +15,8 @@ import torch
 
 from ..data import DataError, ImageSource, open_source
 from ..pipeline import select_images
-from ..rundir import Scanned, decode_fg
+from ..progress import progress_bar
+from ..rundir import Run, Scanned, StorageError, decode_fg
 
 
 @dataclass
@@ -51,32 +52,37 @@ def scan_eval_set(scanned: Scanned, name: str | None = None) -> EvalSet:
                    [f"{r.path}: {e}" for r, e in failed])
 
 
-def open_eval_source(scanned: Scanned, url: str) -> ImageSource:
+def open_eval_source(run: Run, url: str) -> ImageSource:
     """An eval data set whose labels mean the same model outputs as the scan's: class folders named by
-    output index, or the very class names the scan had (mapped by sorted position, as there)."""
-    source = open_source(url)
-    outputs = scanned.loaded.num_classes
+    output index, or the very class names the scan had (mapped by sorted position, as there). Needs the
+    run's record only, not its model, so commands check --eval-data before loading anything."""
+    try:
+        source = open_source(url)
+    except DataError as e:
+        raise DataError(str(e).replace("--data", "--eval-data", 1)) from None
+    outputs = run.meta["model"]["num_classes"]
     if all(c.isdigit() for c in source.classes):
         too_big = [c for c in source.classes if int(c) >= outputs]
         if too_big:
-            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {scanned.run.meta['model']['name']}, "
+            raise DataError(f"--eval-data {url}: class {too_big[0]} is not an output of {run.meta['model']['name']}, "
                             f"which has {outputs} classes")
         return source
-    classes = scanned.run.meta["data"]["classes"]
+    classes = run.meta["data"]["classes"]
     if source.classes != classes:
-        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {scanned.run.url} was "
+        raise DataError(f"--eval-data {url} has the classes {', '.join(source.classes)}, but {run.url} was "
                         f"scanned with {', '.join(classes)}; named classes must be the same ones, so that each means "
                         f"the same output (or name the class folders by output index: 0 to {outputs - 1})")
     return source
 
 
 def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str | None = None,
-             records: list | None = None) -> EvalSet:
+             records: list | None = None, progress: bool = True) -> EvalSet:
     """All readable images of a data set (or of `records`, a subset of it), and masks learned on the
     intact model for a seeded sample.
 
-    The masks are cached in eval/, keyed by the data's listing, the subset and the sample size, and
-    learned in groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
+    The masks are cached in eval/, keyed by the data's listing and the ids of the sampled images (so a
+    changed set of readable images gets its own masks), checked against those ids when read, and learned
+    in groups of the run's mask_batch, so a repeated command reuses them and gets the same BIR.
     """
     images, ok, failed = source.load(source.records if records is None else records, scanned.loaded.transform)
     if not ok:
@@ -84,31 +90,47 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
                         f"({failed[0][1] if failed else 'no images chosen'})")
     count = min(mask_images, len(ok))
     sample = select_images(range(len(ok)), count / len(ok), scanned.cfg.seed)
+    sample_ids = [ok[i].image_id for i in sample]
     name = name or set_name(source.url)
-    key = source.fingerprint()[:12]
-    if records is not None:
-        key += "-" + hashlib.sha256(",".join(str(r.image_id) for r in records).encode()).hexdigest()[:8]
+    key = source.fingerprint()[:12] + "-" + hashlib.sha256(",".join(map(str, sample_ids)).encode()).hexdigest()[:12]
     cache = f"eval/masks-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key}-n{count}.parquet"
-    side = scanned.cfg.mask_size
-    if scanned.dir.exists(cache):
-        fg = decode_fg(scanned.dir.read_table(cache)["fg"], side)
-    else:
+    fg = cached_masks(scanned, cache, sample_ids)
+    if fg is None:
         print(f"learning masks of {len(sample)} images of {name} on the intact model, for BIR (kept in {cache})",
               file=sys.stderr)
-        batch = scanned.cfg.mask_batch
-        fg = torch.cat([scanned.replica.masks(images[sample[i: i + batch]], scanned.cfg).fg
-                        for i in range(0, len(sample), batch)])
-        scanned.dir.write_table(cache, pa.table({"image_id": [ok[i].image_id for i in sample],
+        batch, steps = scanned.cfg.mask_batch, max(1, scanned.cfg.mask_steps)
+        with progress_bar("masks", len(sample) * steps, 0, "img-step", progress) as bar:
+            groups = [sample[i: i + batch] for i in range(0, len(sample), batch)]
+            fg = torch.cat([scanned.replica.masks(images[g], scanned.cfg, on_step=lambda n=len(g): bar.update(n)).fg
+                            for g in groups])
+        scanned.dir.write_table(cache, pa.table({"image_id": sample_ids,
                                                  "fg": list(fg.reshape(len(sample), -1).numpy())}))
     return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
                    [f"{r.path}: {e}" for r, e in failed])
 
 
-def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
+def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Tensor | None:
+    """Cached foreground cells of exactly these images, in this order; None when there are none (or the file
+    holds other images, or is damaged: the masks are learned again)."""
+    if not scanned.dir.exists(cache):
+        return None
+    try:
+        table = scanned.dir.read_table(cache, ["image_id", "fg"])
+    except StorageError:
+        return None
+    side = scanned.cfg.mask_size
+    cells = table["fg"].to_pylist()[:1]
+    if table["image_id"].to_pylist() != list(image_ids) or any(len(v) != side * side for v in cells):
+        print(f"{cache} holds masks of other images; learning them again", file=sys.stderr)
+        return None
+    return decode_fg(table["fg"], side)
+
+
+def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: bool = True) -> EvalSet:
     """Images the intact model classifies correctly and the scores never saw: of the scan's own data,
     those outside D (the run's predictions say which are correct); of another data set (`url`), those
     it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost."""
-    source = scanned.source if url is None else open_eval_source(scanned, url)
+    source = scanned.source if url is None else open_eval_source(scanned.run, url)
     d_ids = set(scanned.dir.read_folder("masks", ["image_id"])["image_id"].to_pylist())
     if source.fingerprint() == scanned.run.meta["data"]["fingerprint"]:
         preds = scanned.dir.read_folder("predictions", ["image_id", "correct"])
@@ -123,7 +145,7 @@ def heldout_set(scanned: Scanned, url: str | None, mask_images: int) -> EvalSet:
     if len(records) < 2:
         raise DataError(f"{source.url} has {len(records)} correctly classified image(s) outside D; --auto-k needs "
                         "held-out images: pass --eval-data with a data set of the same classes")
-    return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records)
+    return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records, progress)
 
 
 def set_name(url: str) -> str:
@@ -131,18 +153,18 @@ def set_name(url: str) -> str:
     return base[: -len(".parquet")] if base.endswith(".parquet") else base or url
 
 
-def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int) -> list[EvalSet]:
+def eval_sets(scanned: Scanned, urls: list[str] | None, mask_images: int, progress: bool = True) -> list[EvalSet]:
     """The --eval-data sets (the scan's own data, with D's masks, when given none or named among them).
 
     Every source is opened and checked before any images are read or masks learned.
     """
     if not urls:
         return [scan_eval_set(scanned)]
-    sources = [open_eval_source(scanned, url) for url in urls]
+    sources = [open_eval_source(scanned.run, url) for url in urls]
     fingerprint = scanned.run.meta["data"]["fingerprint"]
     names: list[str] = []
     for s in sources:
         base = set_name(s.url)
         names.append(base if base not in names else f"{base}-{len(names) + 1}")
-    return [scan_eval_set(scanned, name) if s.fingerprint() == fingerprint else eval_set(scanned, s, mask_images, name)
-            for s, name in zip(sources, names)]
+    return [scan_eval_set(scanned, name) if s.fingerprint() == fingerprint
+            else eval_set(scanned, s, mask_images, name, progress=progress) for s, name in zip(sources, names)]

@@ -10,8 +10,8 @@ import pyarrow as pa
 from ..config import Config
 from ..engine import Replica
 from ..method import bir_statistics, bootstrap, prediction_statistics, probs
-from ..progress import progress_bar
-from ..rundir import Scanned, top_heads
+from ..progress import ProgressLines
+from ..rundir import Run, Scanned
 from .evalsets import EvalSet
 
 # A pruned model has collapsed when its accuracy is within COLLAPSE_MARGIN of chance and removing the
@@ -52,17 +52,29 @@ def collapsed(row: dict, chance: float) -> bool:
     return row["accuracy"] <= chance + COLLAPSE_MARGIN and row["fig"] < COLLAPSE_GAIN and row["big"] < COLLAPSE_GAIN
 
 
-def control_heads(rankings: pa.Table, heads: list[tuple[int, int]], k: int, seeds: list[int],
+def control_heads(run: Run, heads: list[tuple[int, int]], k: int, seeds: list[int],
                   scores: list[str]) -> list[tuple]:
     """(control, seed, heads) of the top K by each score and the controls: K random heads per seed, and
     the K lowest by the run's score."""
-    return ([(score, None, top_heads(rankings, k, score=score)) for score in scores]
+    return ([(score, None, run.top_heads(k, score)) for score in scores]
             + [("random", s, random_heads(heads, k, s)) for s in seeds]
-            + [("lowest", None, top_heads(rankings, k, lowest=True))])
+            + [("lowest", None, run.top_heads(k, lowest=True))])
+
+
+def describe(control: str, seed: int | None, k: int, cfg: Config) -> str:
+    """A configuration in words: the intact model, the top K by a score, K random heads, the K lowest."""
+    if control == "intact":
+        return "the intact model"
+    if control == "random":
+        return f"{k} random heads (seed {seed})"
+    if control == "lowest":
+        return f"the {k} lowest by {cfg.score}"
+    return f"the top {k} by {control}"
 
 
 def experiment_rows(replica: Replica, data: EvalSet, plan: list[tuple], cfg: Config, bar) -> list[dict]:
-    """One row per (control, seed, heads) of the plan on one eval set, with every metric and its interval."""
+    """One row per (control, seed, heads) of the plan on one eval set, with every metric and its interval;
+    `bar` (progress.ProgressLines) gets a line per configuration."""
     rows = []
     for control, seed, removed in plan:
         row = evaluate(replica, data, removed, cfg, intervals=True)
@@ -71,17 +83,17 @@ def experiment_rows(replica: Replica, data: EvalSet, plan: list[tuple], cfg: Con
                      "heads": " ".join(f"{l}.{h}" for l, h in removed), **metrics,
                      "n_images": len(data.labels), "n_unreadable": len(data.skipped), "n_mask_images": len(data.fg),
                      "bir_in_sample": data.in_sample, "chance": data.chance, "collapsed": collapsed(row, data.chance)})
-        bar.update(1)
+        bar.update(1, f"{describe(control, seed, len(removed), cfg)} on {data.name}: accuracy {row['accuracy']:.3f}, "
+                      f"BIR {row['bir_mean']:.3f}")
     return rows
 
 
 def run_experiments(scanned: Scanned, sets: list[EvalSet], ks: list[int], seeds: list[int], scores: list[str],
                     progress: bool) -> list[dict]:
     """The intact model and, for each K > 0, the top K by each score and the controls, on every eval set."""
-    rankings = scanned.run.rankings()
     plan = [("intact", None, [])] + [c for k in ks if k > 0
-                                     for c in control_heads(rankings, scanned.heads, k, seeds, scores)]
-    with progress_bar("prune", len(plan) * len(sets), 0, "eval", progress) as bar:
+                                     for c in control_heads(scanned.run, scanned.heads, k, seeds, scores)]
+    with ProgressLines("prune", len(plan) * len(sets), progress) as bar:
         return [row for data in sets for row in experiment_rows(scanned.replica, data, plan, scanned.cfg, bar)]
 
 

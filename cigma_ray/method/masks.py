@@ -55,6 +55,7 @@ def optimise_masks(
     l_tv: float = 0.1,
     tau: float = 1.0,
     micro_batch: int = 0,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
 
@@ -63,6 +64,7 @@ def optimise_masks(
     over slices of that many images (less memory) and takes one Adam step after them: the sum's
     gradient for an image is its own loss's gradient either way, so the masks are those of the
     whole batch wherever the model's forward gives an image the same result in a smaller batch.
+    `on_step` is called after each optimisation step (progress).
     """
     n = images.shape[0]
     size = tuple(images.shape[-2:])
@@ -79,6 +81,8 @@ def optimise_masks(
             loss = mask_loss(q[rows], probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
             loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     return torch.sigmoid(theta.detach())
 
 

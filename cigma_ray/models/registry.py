@@ -27,9 +27,20 @@ class LoadedModel:
 LOADERS: dict[str, Callable[[ModelSpec, str | torch.device], LoadedModel]] = {}
 
 
+CHECKS: dict[str, Callable[[ModelSpec], None]] = {}  # what a family can check of a spec without weights
+
+
 def register(family: str):
     def wrap(fn):
         LOADERS[family] = fn
+        return fn
+    return wrap
+
+
+def register_check(family: str):
+    """A family's check of a spec by its name and options alone (no weights), run by `check_name`."""
+    def wrap(fn):
+        CHECKS[family] = fn
         return fn
     return wrap
 
@@ -59,13 +70,11 @@ def load(spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "
 
 
 def check_name(spec: ModelSpec) -> None:
-    """What can be known of a model from its name alone, without weights: the family exists, and
-    a timm architecture is one timm knows (used by `scan --dry-run` and `cluster render`)."""
+    """What can be known of a model from its name and options alone, without weights: the family exists, and
+    what the family checks (a timm architecture timm knows, --model-kwargs it takes). Used by `scan` before
+    anything loads, `scan --dry-run` and `cluster render`."""
     if spec.family not in LOADERS:
         raise ModelError(f"--model {spec.name!r}: unknown model family {spec.family!r}; "
                          f"use one of {', '.join(f'{f}:NAME' for f in LOADERS)} (e.g. timm:vit_base_patch16_224)")
-    if spec.family == "timm":
-        import timm
-
-        if not timm.is_model(spec.arch):
-            raise ModelError(f"--model {spec.name!r}: timm has no model {spec.arch!r}")
+    if spec.family in CHECKS:
+        CHECKS[spec.family](spec)

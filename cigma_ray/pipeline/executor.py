@@ -6,6 +6,7 @@ and returns the units it gave up on. The Ray executor (distributed/) has the sam
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,16 +34,35 @@ class UnitsFailed(RuntimeError):
 
 class LocalExecutor:
     """Units one after another in this process, on one worker made when the first unit needs it.
-    An error is raised at once (a local run is re-run by hand; a cluster retries units)."""
 
-    def __init__(self, make_worker: Callable[[], Worker]):
+    A unit that fails on storage (an OSError: a flaky read of an image or an input, a failed write) is tried
+    again, `max_attempts` times in all with a short pause between, then given up and reported, as on a cluster.
+    Any other error is raised at once (a bug or bad input: retrying would only repeat it)."""
+
+    def __init__(self, make_worker: Callable[[], Worker], max_attempts: int = 3, pause_s: float = 0.5):
         self.make_worker = make_worker
+        self.max_attempts = max_attempts
+        self.pause_s = pause_s
 
     def run(self, units: list[Unit], on_done: Callable[[Unit, dict], None],
             on_retry: Callable[[Unit, str], None] | None = None,
             on_progress: Callable[[Unit, int], None] | None = None) -> list[Failure]:
         worker = self.make_worker()
+        failures = []
         for unit in units:
-            receipt = worker.run_unit(unit, (lambda n, unit=unit: on_progress(unit, n)) if on_progress else None)
-            on_done(unit, receipt)
-        return []
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    progress = (lambda n, unit=unit: on_progress(unit, n)) if on_progress else None
+                    receipt = worker.run_unit(unit, progress)
+                except OSError as e:
+                    error = f"{type(e).__name__}: {e}"
+                    if attempt == self.max_attempts:
+                        failures.append(Failure(unit, attempt, error))
+                        break
+                    if on_retry:
+                        on_retry(unit, error)
+                    time.sleep(self.pause_s * attempt)
+                    continue
+                on_done(unit, receipt)
+                break
+        return failures

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from ..config import Config
 from ..method import head_scores, ranks, score_terms
-from ..rundir import RunDir
+from ..rundir import RunDir, StorageError
 from .units import Unit
 
 
@@ -29,14 +29,23 @@ def rank_heads(matrices: dict[str, np.ndarray], heads: list[tuple[int, int]], cf
     return table.append_column("rank", pa.array(ranks(table["score"].to_numpy()), pa.int64())).sort_by("rank")
 
 
-def merge_rounds(rounds: list[pa.Table], k_per_round: int) -> pa.Table:
+def merge_rounds(rounds: list[pa.Table], k_per_round: int, score: str = "big_drop") -> pa.Table:
     """One ranking: each round's removed heads in the order they were removed, then the last round's
-    ranking of the heads left; `round` says which round's scan each row's score comes from."""
+    ranking of the heads left; `round` says which round's scan each row's score comes from.
+
+    One notion of rank: `rank` and `{score}_rank` (the run's score) are both the position in that order, so
+    every command removes the same heads; the other scores' ranks are per round and not comparable across
+    rounds, so they are left empty (their values stay, each from its round)."""
     parts = [t.slice(0, k_per_round) for t in rounds[:-1]] + [rounds[-1]]
     merged = pa.concat_tables([t.append_column("round", pa.array(np.full(t.num_rows, r), pa.int32()))
                                for r, t in enumerate(parts)])
-    return merged.set_column(merged.schema.get_field_index("rank"), "rank",
-                             pa.array(np.arange(1, merged.num_rows + 1), pa.int64()))
+    order = pa.array(np.arange(1, merged.num_rows + 1), pa.int64())
+    for name in merged.column_names:
+        if name == "rank" or name == f"{score}_rank":
+            merged = merged.set_column(merged.schema.get_field_index(name), name, order)
+        elif name.endswith("_rank") and len(rounds) > 1:
+            merged = merged.set_column(merged.schema.get_field_index(name), name, pa.nulls(merged.num_rows, pa.int64()))
+    return merged
 
 
 def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int],
@@ -60,14 +69,15 @@ def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]],
         known_head = (layer < head_index.shape[0]) & (head < head_index.shape[1])
         r = np.where(known_head, head_index[np.where(known_head, layer, 0), np.where(known_head, head, 0)], -1)
         if (r < 0).any() or (ids[c] != image).any():
-            raise RuntimeError(f"{unit.file} holds a head or image this run does not scan: remove the run's deltas/ "
-                               "folder and scan again")
+            raise StorageError(f"{run.url}: {unit.file} holds a head or image this run does not scan: remove the "
+                               "run's deltas/ folder and scan again")
         terms = score_terms(*(t[k].to_numpy() for k in columns[3:]))
         for name in names:
             matrices[name][r, c] = terms[name]
         np.add.at(filled, (r, c), 1)
     if (filled != 1).any():
         bad = int((filled != 1).sum())
-        raise RuntimeError(f"deltas/ does not hold each of {len(heads)} heads once per each of {len(images)} images "
-                           f"({bad} cells missing or repeated): remove the run's deltas/ folder and scan again")
+        raise StorageError(f"{run.url}: deltas/ does not hold each of {len(heads)} heads once per each of "
+                           f"{len(images)} images ({bad} cells missing or repeated): remove the run's deltas/ folder "
+                           "and scan again")
     return matrices

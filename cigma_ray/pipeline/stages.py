@@ -6,6 +6,7 @@ default, or on Ray replicas (distributed/). A stage that finds its outputs compl
 """
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
@@ -17,11 +18,12 @@ from ..data import DataError, open_source
 from ..method import SCORES
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
-from ..rundir import RunDir, build_manifest, check_compatible
+from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
 from .units import (
     Job,
+    check_units,
     Unit,
     mask_units,
     missing_units,
@@ -40,11 +42,13 @@ class Pipeline:
     def __init__(self, job: Job, progress: bool = True, executor=None, load_device: str | None = None):
         self.cfg = job.config
         self.progress = progress
+        check_out(job.out, [job.data])  # before anything is read or written
+        self.run = RunDir(job.out)
+        self.run.check()  # the bucket and the credentials, before the model loads
         self.source = open_source(job.data)
         job = self.job = replace(job, model=spec_with_classes(job.model, self.source.classes))  # hf: the data's class names
         self.loaded = load(job.model, load_device or job.device, job.precision)
         self.source.check_classes(self.loaded.num_classes, job.model.name)
-        self.run = RunDir(job.out)
         self.adapter = self.loaded.adapter
         scanned = len(self.adapter.scanned_heads)  # heads of skipped layers cannot change the logits
         if (self.cfg.rounds - 1) * self.cfg.k_per_round >= scanned:
@@ -53,8 +57,7 @@ class Pipeline:
                               "measures before its last round; lower one of them")
         resolve_k(self.cfg.top_k, scanned)  # a top_k larger than the model is an error now, not later
         self._worker: Worker | None = None
-        self.executor = executor or LocalExecutor(lambda: self.worker)
-        self.run.check()
+        self.executor = executor or LocalExecutor(lambda: self.worker, self.cfg.max_attempts)
         self.manifest = build_manifest(self.cfg, self.loaded.fingerprint, self.adapter.heads_per_layer, job.data,
                                        self.source.fingerprint(), len(self.source), self.source.classes, job.precision,
                                        self.adapter.skipped_layers)
@@ -91,7 +94,11 @@ class Pipeline:
     def run_stage(self, name: str, units: list[Unit], work_of: Callable[[Unit], int], unit_name: str) -> None:
         """Run the stage's missing units on the executor, with a progress bar of work done (images or
         pairs), units done and retries."""
-        todo = missing_units(self.run, units)
+        todo, damaged = check_units(self.run, units, adopt=True)
+        if damaged:
+            print(f"{name}: redoing {len(damaged)} damaged unit file(s): "
+                  + "; ".join(f"{f} ({why})" for f, why in list(damaged.items())[:5])
+                  + (f"; ... and {len(damaged) - 5} more" if len(damaged) > 5 else ""), file=sys.stderr)
         if not todo:
             return
         total = sum(work_of(u) for u in units)
@@ -114,7 +121,7 @@ class Pipeline:
 
             def retry(unit: Unit, error: str) -> None:
                 state["retries"] += 1
-                shown.pop(unit.file, None)
+                bar.update(-shown.pop(unit.file, 0))  # its work starts again
                 status()
 
             status()
@@ -134,14 +141,15 @@ class Pipeline:
                 self.run.write_json("run.json", self.manifest)
             self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
             selected = self.selected()
-            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
+                           "img-step")  # ticks once per optimisation step of a unit's images
             rounds = []
             for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer,
                                                  sorted(self.adapter.skipped_layers)):
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
                                lambda u: len(u.image_ids) * len(u.heads), "pair")
                 rounds.append(self.rank_round(selected, r, removed))
-            self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round))
+            self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round, self.cfg.score))
         finally:
             self.executor = own
 
@@ -152,9 +160,10 @@ class Pipeline:
         of the whole data set at once. Rounds of an iterative run are kept in rounds/.
         """
         units = self.scan_units(selected, round, removed)
-        missing = missing_units(self.run, units)
+        missing = missing_units(self.run, units, verify=False)  # the scan stage has just verified them
         if missing:
-            raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
+            raise StorageError(f"cannot rank {self.run.url}: {len(missing)} scan units are missing, e.g. "
+                               f"{missing[0].file}")
         heads = [h for h in self.adapter.scanned_heads if h not in set(removed)]
         names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
         table = rank_heads(score_matrices(self.run, units, heads, sorted(selected), names), heads, self.cfg)
@@ -168,19 +177,21 @@ def run_status(run: RunDir) -> dict:
     meta = run.read_json("run.json")
     cfg = Config(**meta["config"])
     plan = meta["plan"]
-    stages = {}
-    predict = predict_units(plan["n_images"], cfg)
-    stages["predict"] = (len(predict) - len(missing_units(run, predict)), len(predict))
+    stages, damaged = {}, {}
+
+    def count(name: str, units: list[Unit]) -> None:
+        todo, bad = check_units(run, units)  # every file read whole and checked against its receipt
+        stages[name] = (len(units) - len(todo), len(units))
+        damaged.update(bad)
+
+    count("predict", predict_units(plan["n_images"], cfg))
     if stages["predict"][0] == stages["predict"][1]:
         preds = run.read_folder("predictions", columns=["image_id", "correct"])
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
-        stages_units = [("mask", mask_units(selected, cfg))]
-        stages_units += [("scan" if r == 0 else f"scan round {r}", units)
-                         for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"],
-                                                        plan.get("skipped_layers", ()))]
-        for name, units in stages_units:
-            stages[name] = (len(units) - len(missing_units(run, units)), len(units))
+        count("mask", mask_units(selected, cfg))
+        for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"], plan.get("skipped_layers", ())):
+            count("scan" if r == 0 else f"scan round {r}", units)
     failures = run.read_folder("failures")
-    return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"),
+    return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"), "damaged": damaged,
             "failures": failures.to_pylist() if failures is not None else []}

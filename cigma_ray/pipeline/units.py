@@ -132,9 +132,20 @@ def scan_rounds(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: 
             removed += [(row["layer"], row["head"]) for row in best]
 
 
-def missing_units(run: RunDir, units: list[Unit]) -> list[Unit]:
-    """The units whose file the run directory does not hold yet."""
-    done = set()
+def check_units(run: RunDir, units: list[Unit], verify: bool = True,
+                adopt: bool = False) -> tuple[list[Unit], dict[str, str]]:
+    """(the units still to do, {file: why} of those among them whose file is there but damaged).
+
+    A unit is done when its file exists and, with `verify`, matches the sha256 of its receipt (each file is
+    read whole; `RunDir.check_units`). Without `verify` only names are listed (right after a stage that
+    verified them)."""
+    present = set()
     for folder in {posixpath.dirname(u.file) for u in units}:
-        done |= {f"{folder}/{n}" for n in run.list(folder)}
-    return [u for u in units if u.file not in done]
+        present |= {f"{folder}/{n}" for n in run.list(folder)}
+    damaged = run.check_units([u.file for u in units if u.file in present], adopt) if verify else {}
+    return [u for u in units if u.file not in present or u.file in damaged], damaged
+
+
+def missing_units(run: RunDir, units: list[Unit], verify: bool = True) -> list[Unit]:
+    """The units whose file the run directory does not hold yet, or holds damaged."""
+    return check_units(run, units, verify)[0]

@@ -3,6 +3,7 @@ unit's file, in this process or on a Ray actor (distributed/ imports this module
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -41,8 +42,8 @@ class Worker:
         """Do one unit and write its file; returns a small receipt (never tensors or rows)."""
         start = time.perf_counter()
         table = getattr(self, f"_{unit.stage}")(unit, on_progress or (lambda n: None))
-        checksum = self.run.write_table(unit.file, table)
-        return {"file": unit.file, "rows": table.num_rows, "sha256": checksum, "seconds": time.perf_counter() - start}
+        receipt = self.run.write_unit(unit.file, table)  # the file, then its receipt with the sha256
+        return {**receipt, "seconds": time.perf_counter() - start}
 
     def _predict(self, unit: Unit, progress) -> pa.Table:
         images, ok = self._images(unit)
@@ -64,8 +65,7 @@ class Worker:
         images, ok = self._images(unit)
         if not ok:
             return empty_masks_table()
-        result = self.replica.masks(images, self.cfg)
-        progress(len(unit.image_ids))
+        result = self.replica.masks(images, self.cfg, on_step=lambda: progress(len(ok)))  # image-steps
         return pa.table({
             "image_id": pa.array([r.image_id for r in ok], pa.int64()),
             "mask": pa.array(list(result.mask.reshape(len(ok), -1).numpy()), pa.list_(pa.float32())),
@@ -80,7 +80,7 @@ class Worker:
         wanted = pa.array(unit.image_ids, pa.int64())
         masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
         ids = masks["image_id"].to_pylist()
-        images, ok = self._images(Unit("scan", unit.shard, tuple(ids), unit.layers))
+        images, ok = self._images(replace(unit, image_ids=tuple(ids)))  # round and removed heads kept: its name
         if len(ok) != len(ids):  # an image that was readable before is not now: keep the rows aligned
             keep = {r.image_id for r in ok}
             masks = masks.filter(pa.array([i in keep for i in ids]))

@@ -9,7 +9,7 @@ import numpy as np
 from ..config import Config
 from ..evaluation import AutoK, EvalSet
 from ..method import SCORES
-from ..rundir import Run, RunDir, top_heads
+from ..rundir import Run, RunDir
 from .tables import cell, format_table
 
 COLUMNS = {"accuracy": "accuracy", "bir_mean": "BIR (mean)", "bir_ratio": "BIR (ratio)", "nll": "NLL", "ece": "ECE"}
@@ -72,15 +72,14 @@ def pruning_text(rows: list[dict], cfg: Config, seeds: list[int]) -> str:
 
 def heads_lines(run: Run, ks: list[int], scores: list[str]) -> list[str]:
     """Which heads each score removes (the first K of each line are its top K), and the lowest-scored."""
-    rankings = run.rankings()
     top = max(ks)
     if top == 0:
         return []
     def named(heads):
         return " ".join(f"{l}.{h}" for l, h in heads)
     first = "the first K are the top K" if len(ks) > 1 else f"top {top}"
-    return ([f"by {score} ({first}): {named(top_heads(rankings, top, score=score))}" for score in scores]
-            + [f"lowest-scored first: {named(top_heads(rankings, top, lowest=True))}"])
+    return ([f"by {score} ({first}): {named(run.top_heads(top, score))}" for score in scores]
+            + [f"lowest-scored first: {named(run.top_heads(top, lowest=True))}"])
 
 
 def auto_k_text(result: AutoK, data: EvalSet, cfg: Config) -> str:

@@ -62,10 +62,11 @@ def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -
         score = None if score == run.score else score
     name = score or cfg.get("score", "big_drop")
     prefix = "" if score is None else f"{score}_"
-    ranking = run.rankings().sort_by(f"{prefix}rank").slice(0, top).to_pylist()
+    order = run.rank_column(score)  # the one notion of rank every command uses
+    ranking = run.rankings().sort_by(order).slice(0, top).to_pylist()
     value = prefix[:-1] if prefix else "score"
     level = cfg["ci_level"]
-    rows = [[r[f"{prefix}rank"], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
+    rows = [[r[order], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
              f"[{r[prefix + 'ci_low']:+.5f}, {r[prefix + 'ci_high']:+.5f}]", r["n"]] for r in ranking]
     headers, align = ["rank", "layer", "head", name, "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
     labels = meta["model"].get("layer_labels")
@@ -100,6 +101,12 @@ def status_text(run: RunDir, status: dict) -> str:
     if "mask" not in status["stages"]:
         lines.append("mask, scan: planned once predict is complete")
     lines.append(f"ranked   {'yes' if status['ranked'] else 'no'}")
+    damaged = status.get("damaged", {})
+    for file, why in damaged.items():
+        lines.append(f"damaged  {file}: {why}")
+    if damaged:
+        lines.append(f"{len(damaged)} damaged unit file(s), counted as missing: run the same scan command again to "
+                     "redo them (rankings.parquet is made again from whole files)")
     units = [f for f in status["failures"] if f["kind"] == "unit"]
     for f in units:
         lines.append(f"failed   {f['unit']} after {f['attempts']} attempts: "

@@ -55,11 +55,22 @@ def check_compatible(run: RunDir, new: dict, out: str) -> None:
         if old["model"].get(key) != new["model"][key]:
             diffs.append(f"model {key}: run has {old['model'].get(key)!r}, this command {new['model'][key]!r}")
     if old["data"]["fingerprint"] != new["data"]["fingerprint"]:
-        diffs.append(f"data: the image listing of {new['data']['url']} differs from the one the run used ({old['data']['url']})")
+        n_old, n_new = old["plan"]["n_images"], new["plan"]["n_images"]
+        counts = f" ({n_new} images now, {n_old} in the run)" if n_old != n_new else ""
+        diffs.append(f"data: the image listing of {new['data']['url']} differs from the one the run used "
+                     f"({old['data']['url']}){counts}")
     if old["precision"] != new["precision"]:
         diffs.append(f"precision: run has {old['precision']}, this command {new['precision']}")
-    if old["plan"]["hash"] != new["plan"]["hash"]:
-        diffs.append(f"units: run has unit_images={old['plan']['unit_images']}, unit_layers={old['plan']['unit_layers']}")
+    # the plan is the unit sizes, the image count and the heads: name only what differs (the image count is
+    # the data's line above, the heads the model's)
+    units = [f"{k}: run has {old['plan'][k]}, this command {new['plan'][k]}" for k in ("unit_images", "unit_layers")
+             if old["plan"][k] != new["plan"][k]]
+    diffs += units
+    if old["plan"]["heads_per_layer"] != new["plan"]["heads_per_layer"]:
+        diffs.append(f"model heads per layer: run has {old['plan']['heads_per_layer']}, this command "
+                     f"{new['plan']['heads_per_layer']}")
+    if old["plan"]["hash"] != new["plan"]["hash"] and not diffs:
+        diffs.append("units: the run's unit plan differs from this command's")
     if diffs:
         raise RunMismatch(f"--out {out} already holds a run with other settings:\n  " + "\n  ".join(diffs)
                           + "\nuse a new --out, or the same model, data and config to resume it")

@@ -31,9 +31,8 @@ def check_k(k: int, n_heads: int, name: str = "top_k", allow_zero: bool = False)
         raise ConfigError(f"{name}={k}: the model has {n_heads} heads; choose K from {low} to {n_heads}")
 
 
-def top_heads(rankings: pa.Table, k: int, lowest: bool = False, score: str | None = None) -> list[tuple[int, int]]:
-    """The k best-ranked heads (or the k worst, as a control), by the run's score or by `score`."""
-    column = "rank" if score is None else f"{score}_rank"
+def top_heads(rankings: pa.Table, k: int, lowest: bool = False, column: str = "rank") -> list[tuple[int, int]]:
+    """The k best-ranked heads (or the k worst, as a control) by a rank column (`Run.rank_column` says which)."""
     rows = rankings.sort_by([(column, "descending" if lowest else "ascending")]).slice(0, k).to_pylist()
     return [(r["layer"], r["head"]) for r in rows]
 
@@ -53,6 +52,7 @@ class Run:
             raise StorageError(f"{url} is not a run directory (no run.json); run `cigma-ray scan ... --out {url}` first")
         self.url = url
         self.meta = self.dir.read_json("run.json")
+        self._rankings: pa.Table | None = None
 
     @cached_property
     def config(self) -> Config:
@@ -126,10 +126,23 @@ class Run:
                                f"`cigma-ray status {self.url}` says what is missing)")
 
     def rankings(self) -> pa.Table:
-        return self.dir.read_table("rankings.parquet")
+        if self._rankings is None:
+            self._rankings = self.dir.read_table("rankings.parquet")
+        return self._rankings
+
+    def rank_column(self, score: str | None = None) -> str:
+        """The column that orders the heads by `score`: `rank` for the run's own score (in an iterative run, the
+        order the heads were removed in, then the last round's ranking), `{score}_rank` for another score of a
+        single-round run. Every command that picks heads goes through here, so all pick the same ones."""
+        if score is None or score == self.score:
+            return "rank"
+        if score not in self.scores:
+            self.parse_scores(score)  # the error that says which scores the run has
+        return f"{score}_rank"
 
     def top_heads(self, k: int, score: str | None = None, lowest: bool = False) -> list[tuple[int, int]]:
-        return top_heads(self.rankings(), k, lowest=lowest, score=score)
+        """The top k heads by `score` (the run's own when None), or its k lowest (a control)."""
+        return top_heads(self.rankings(), k, lowest=lowest, column=self.rank_column(score))
 
     def masks(self, columns: list[str] | None = None) -> pa.Table:
         """masks/ of every image of D, by image id."""
