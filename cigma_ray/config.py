@@ -31,6 +31,8 @@ class Config:
     keep_ratio: float = 0.35
     tau: float = 1.0
     mask_batch: int = 64
+    mask_tol: float = 0.0  # opt-in early stop of a mask: its loss changed by less than this over mask_window steps
+    mask_window: int = 10
     # scores and pruning
     bootstrap: int = 1000
     ci_level: float = 0.95
@@ -58,6 +60,8 @@ class Config:
             "keep_ratio": 0 < self.keep_ratio < 1,
             "tau": self.tau > 0,
             "mask_batch": self.mask_batch >= 1,
+            "mask_tol": self.mask_tol >= 0 and math.isfinite(self.mask_tol),
+            "mask_window": self.mask_window >= 1,
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
             "score": self.score in SCORES,
@@ -80,8 +84,8 @@ class Config:
 
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
-                   "keep_ratio", "tau", "mask_batch", "bootstrap", "ci_level", "measure_fig", "score", "rounds",
-                   "k_per_round")
+                   "keep_ratio", "tau", "mask_batch", "mask_tol", "mask_window", "bootstrap", "ci_level", "measure_fig",
+                   "score", "rounds", "k_per_round")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +123,9 @@ RANGES = {
     "keep_ratio": "a fraction in (0, 1)",
     "tau": "> 0",
     "mask_batch": "images whose masks are optimised together, an integer >= 1",
+    "mask_tol": "a loss change >= 0: a mask stops once its loss changed by less than this over mask_window steps "
+                "(0 = off: every mask takes mask_steps steps)",
+    "mask_window": "steps over which mask_tol compares the loss, an integer >= 1",
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
     "score": "one of big_drop (the paper's: mean drop in BIG), bir_drop (mean drop in BIR), big_minus_fig "

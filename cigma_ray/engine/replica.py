@@ -12,6 +12,7 @@ from ..config import Config
 from ..method import bir, counterfactuals, foreground_cells, gains, optimise_masks, probs
 from ..models import LoadedModel
 from .scan import Ablated, batched, scan_heads
+from .screen import Screened, screen_images
 
 PRECISIONS = ("fp32", "bf16")
 T = TypeVar("T")
@@ -92,7 +93,8 @@ class Replica:
             with torch.no_grad():
                 q = probs(self._logits(x), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
-                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau).cpu()
+                                  mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
+                                  mask_tol=cfg.mask_tol, mask_window=cfg.mask_window).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
             raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; lower the "
                                          f"config key mask_batch (now {cfg.mask_batch}) and use a new --out, since "
@@ -119,6 +121,14 @@ class Replica:
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
                                     on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg), self.batch_size)
+        return out
+
+    def screen(self, images: torch.Tensor, fg: torch.Tensor, tau: float, measure_fig: bool = True) -> Screened:
+        """The gradient pre-screen of these images (engine.screen): dBIG_i/dg_h (and dFIG_i/dg_h) for every head."""
+        x = self.upload(images)
+        out, self.batch_size = halving_on_oom(
+            lambda size: screen_images(self.adapter, x, fg.to(self.device), tau=tau, measure_fig=measure_fig,
+                                       batch_size=size, autocast=self.autocast), self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

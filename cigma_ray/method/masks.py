@@ -54,25 +54,60 @@ def optimise_masks(
     l_1: float = 0.01,
     l_tv: float = 0.1,
     tau: float = 1.0,
-) -> torch.Tensor:
-    """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
+    mask_tol: float = 0.0,
+    mask_window: int = 10,
+    return_steps: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks
+    (and, with `return_steps`, the (N,) Adam steps each mask took).
 
     The per-image losses are summed, and Adam is elementwise, so each mask follows exactly the
     trajectory it would follow alone.
+
+    Early stopping (opt-in, `mask_tol` > 0): an image stops at the first step s >= mask_window at
+    which its own loss differs from its loss mask_window steps earlier by less than mask_tol; its
+    mask is then the one the loss was measured at (s Adam steps). A stopped image stays in the
+    batch's forwards (the batch's composition, and so its float rounding, never changes) and its
+    logits are put back after every Adam step (Adam's moments for it run on, unused), so every
+    image's mask is its full-length trajectory cut at its own stopping step: bit for bit the mask
+    of a run with mask_steps = s, whatever the other images of the batch did. The loop ends when
+    every image has stopped. mask_tol = 0 is the method's fixed mask_steps.
     """
     n = images.shape[0]
     size = tuple(images.shape[-2:])
     base = baseline(images)
     theta = torch.zeros(n, mask_size, mask_size, device=images.device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=mask_lr)
-    for _ in range(mask_steps):
+    steps = torch.full((n,), mask_steps, dtype=torch.long)
+    early = mask_tol > 0
+    if early:
+        history = torch.empty(mask_window, n, dtype=torch.float32, device=images.device)  # ring of past losses
+        stopped = torch.zeros(n, dtype=torch.bool, device=images.device)
+        frozen = torch.zeros_like(theta, requires_grad=False)
+    for step in range(mask_steps):
         mask = torch.sigmoid(theta)
         keep_img = blend(images, upsample_soft(mask, size).to(images.dtype), base)
-        loss = mask_loss(q, probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
+        per_image = mask_loss(q, probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv)
+        if early:
+            now = per_image.detach().float()
+            if step >= mask_window:
+                newly = ~stopped & ((now - history[step % mask_window]).abs() < mask_tol)
+                if newly.any():
+                    frozen[newly] = theta.detach()[newly]
+                    steps[newly.cpu()] = step
+                    stopped |= newly
+                    if bool(stopped.all()):
+                        break
+            history[step % mask_window] = now
+        loss = per_image.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return torch.sigmoid(theta.detach())
+        if early and bool(stopped.any()):
+            with torch.no_grad():
+                theta[stopped] = frozen[stopped]
+    out = torch.sigmoid(theta.detach())
+    return (out, steps) if return_steps else out
 
 
 def foreground_cells(mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
