@@ -42,6 +42,12 @@ class Config:
     max_clean_drop: float = 0.02  # prune --auto-k: the most clean accuracy a pruning may cost
     rounds: int = 1  # iterative mode: scan, remove the top k_per_round heads, scan the rest again, ...
     k_per_round: int = 1
+    # adaptive scan (`scan --adaptive`): the exhaustive top K with probability >= 1 - delta, for fewer forwards
+    adaptive: bool = False
+    delta: float = 0.05
+    adaptive_first: int = 32  # images of D in the first round
+    adaptive_growth: float = 1.2  # each round's images of D so far x this
+    adaptive_order: str = "none"  # "screen": the gradient pre-screen's best heads are measured first
     # execution (never changes results)
     batch_size: int = 64
     unit_images: int = 64
@@ -69,6 +75,10 @@ class Config:
             "max_clean_drop": 0 <= self.max_clean_drop <= 1,
             "rounds": self.rounds >= 1,
             "k_per_round": self.k_per_round >= 1,
+            "delta": 0 < self.delta < 1,
+            "adaptive_first": self.adaptive_first >= 1,
+            "adaptive_growth": self.adaptive_growth > 1 and math.isfinite(self.adaptive_growth),
+            "adaptive_order": self.adaptive_order in ADAPTIVE_ORDERS,
             "batch_size": self.batch_size >= 1,
             "unit_images": self.unit_images >= 1,
             "unit_layers": self.unit_layers >= 0,
@@ -78,6 +88,9 @@ class Config:
         if not bad and self.score != "big_drop" and not self.measure_fig:
             raise ConfigError(f"score={self.score!r} needs FIG^(-h) from the scan, but measure_fig is false; "
                               "set measure_fig: true, or score: big_drop")
+        if not bad and self.adaptive and self.rounds > 1:
+            raise ConfigError(f"adaptive: true with rounds={self.rounds}: the adaptive scan is a single scan of the "
+                              "intact model; use one or the other")
         if bad:
             raise ConfigError(f"config value out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                               f"({'; '.join(RANGES[k] for k in bad)})")
@@ -85,7 +98,14 @@ class Config:
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
                    "keep_ratio", "tau", "mask_batch", "mask_tol", "mask_window", "bootstrap", "ci_level", "measure_fig",
-                   "score", "rounds", "k_per_round")
+                   "score", "rounds", "k_per_round", "adaptive", "delta", "adaptive_first", "adaptive_growth",
+                   "adaptive_order")
+
+    @staticmethod
+    def result_keys(config: dict[str, Any]) -> tuple[str, ...]:
+        """The keys that change a run's results: RESULT_KEYS, and top_k for an adaptive scan (K decides
+        which heads it measures)."""
+        return Config.RESULT_KEYS + (("top_k",) if config.get("adaptive") else ())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +132,8 @@ def resolve_k(top_k: int | float, n_heads: int, name: str = "top_k") -> int:
     return k
 
 
+ADAPTIVE_ORDERS = ("none", "screen")
+
 RANGES = {
     "tp_ratio": "a fraction in (0, 1]",
     "mask_size": "an integer >= 2",
@@ -135,6 +157,11 @@ RANGES = {
     "max_clean_drop": "a fraction in [0, 1]",
     "rounds": "scan rounds, an integer >= 1 (1 = the paper's single scan)",
     "k_per_round": "heads removed after each round but the last, an integer >= 1",
+    "adaptive": "true or false",
+    "delta": "the adaptive scan's error probability, in (0, 1)",
+    "adaptive_first": "images of D in the adaptive scan's first round, an integer >= 1",
+    "adaptive_growth": "> 1: each adaptive round ends at this many times the images of the round before",
+    "adaptive_order": "none, or screen (the gradient pre-screen's best heads are measured first)",
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import Config, ConfigError, resolve_k
@@ -18,8 +19,10 @@ from ..method import SCORES
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
 from ..rundir import RunDir, build_manifest, check_compatible
+from .adaptive import AdaptiveScan, lead_heads
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
+from .screen import screen_scores, screen_units
 from .units import (Job, Unit, mask_units, missing_units, predict_units, round_file, scan_rounds, scan_units,
                     select_images)
 from .worker import Worker, failure_table
@@ -123,6 +126,9 @@ class Pipeline:
             self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
             selected = self.selected()
             self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+            if self.cfg.adaptive:
+                self.run_adaptive(selected)
+                return
             rounds = []
             for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer):
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
@@ -131,6 +137,25 @@ class Pipeline:
             self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round))
         finally:
             self.executor = own
+
+    def screen(self, selected: list[int]) -> dict[str, np.ndarray]:
+        """The gradient pre-screen of D (screen/, skipped where done): per score the run has, each head's estimate."""
+        units = screen_units(selected, self.cfg)
+        self.run_stage("screen", units, lambda u: len(u.image_ids), "img")
+        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        return screen_scores(self.run, units, self.adapter.heads, sorted(selected), names)
+
+    def run_adaptive(self, selected: list[int]) -> None:
+        """The adaptive scan (pipeline/adaptive.py): its rounds' units on this pipeline's executor, then
+        adaptive.json and rankings.parquet. With adaptive_order: screen, the pre-screen runs first."""
+        lead = None
+        if self.cfg.adaptive_order == "screen":
+            lead = lead_heads(self.screen(selected)[self.cfg.score], self.cfg.k_of(len(self.adapter.heads)))
+        scan = AdaptiveScan(self.run, self.cfg, selected, self.adapter.heads_per_layer, lead)
+        for spec, units in scan.rounds():
+            self.run_stage(f"adaptive r{spec.index}", units, lambda u: len(u.image_ids) * len(u.heads), "pair")
+        self.run.write_json("adaptive.json", scan.summary())
+        self.run.write_table("rankings.parquet", scan.ranking())
 
     def rank_round(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> pa.Table:
         """Score one round's heads from its deltas, one unit file at a time, best first (`rank_heads`).
@@ -156,6 +181,7 @@ def run_status(run: RunDir) -> dict:
     cfg = Config(**meta["config"])
     plan = meta["plan"]
     stages = {}
+    adaptive = None
     predict = predict_units(plan["n_images"], cfg)
     stages["predict"] = (len(predict) - len(missing_units(run, predict)), len(predict))
     if stages["predict"][0] == stages["predict"][1]:
@@ -163,10 +189,34 @@ def run_status(run: RunDir) -> dict:
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
         stages_units = [("mask", mask_units(selected, cfg))]
-        stages_units += [("scan" if r == 0 else f"scan round {r}", units)
-                         for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"])]
+        if cfg.adaptive:
+            adaptive = adaptive_status(run, cfg, selected, plan["heads_per_layer"], stages_units)
+        else:
+            stages_units += [("scan" if r == 0 else f"scan round {r}", units)
+                             for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"])]
         for name, units in stages_units:
             stages[name] = (len(units) - len(missing_units(run, units)), len(units))
     failures = run.read_folder("failures")
     return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"),
-            "failures": failures.to_pylist() if failures is not None else []}
+            "failures": failures.to_pylist() if failures is not None else [], "adaptive": adaptive}
+
+
+def adaptive_status(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: list[int],
+                    stages_units: list) -> dict | None:
+    """An adaptive run's screen and rounds so far (appended to `stages_units`; the rounds are replayed from
+    their files, as a resumed scan would), and its state: rounds done, pairs measured, heads decided."""
+    if not selected or missing_units(run, mask_units(selected, cfg)):
+        return None
+    lead = None
+    if cfg.adaptive_order == "screen":
+        units = screen_units(selected, cfg)
+        stages_units.append(("screen", units))
+        if missing_units(run, units):
+            return None
+        heads = [(layer, h) for layer, n in enumerate(heads_per_layer) for h in range(n)]
+        estimates = screen_scores(run, units, heads, sorted(selected), [cfg.score])[cfg.score]
+        lead = lead_heads(estimates, cfg.k_of(len(heads)))
+    scan = AdaptiveScan(run, cfg, selected, heads_per_layer, lead)
+    for spec, units in scan.rounds():
+        stages_units.append((f"adaptive round {spec.index}", units))
+    return scan.summary()
