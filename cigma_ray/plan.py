@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .method.adaptive import expected_saving
 from .models.hf.sizes import count_params, heads_of, tokens_per_forward
 
 OVERHEAD = 1.2  # memory beyond the weights: activations, the prefix key/value cache and its class copies, CUDA context
@@ -25,8 +26,12 @@ GPUS = {"h100": GPU(80, 989), "h200": GPU(141, 989), "a100-80": GPU(80, 312), "a
 
 def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_node: int = 8, nodes: int = 1,
               images: int = 10_000, accuracy: float = 1.0, tp_ratio: float = 0.4, mask_steps: int = 250,
-              heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True) -> dict:
-    """Every number `cigma-ray plan` prints, as a dict (tests check them)."""
+              heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True,
+              adaptive: bool = False, adaptive_order: str = "none", adaptive_saving: float | None = None) -> dict:
+    """Every number `cigma-ray plan` prints, as a dict (tests check them). With `adaptive`, the scan's forwards
+    are the exhaustive count divided by the expected saving (`method.adaptive.expected_saving` at this D, or
+    `adaptive_saving` as measured by `cigma-ray bench adaptive` on a comparable run), plus the pre-screen's
+    forward and backward (about 3 forwards) per view and image with adaptive_order screen."""
     params = count_params(config)
     card = GPUS[gpu]
     memory_gb = params["total"] * BYTES[precision] * OVERHEAD / 1e9
@@ -38,6 +43,13 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     n_heads = heads_of(config, heads)
     views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
     forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
+    exhaustive = forwards["scan"]
+    saving = None
+    if adaptive:
+        saving = adaptive_saving if adaptive_saving is not None else expected_saving(d, adaptive_order)
+        forwards["scan"] = math.ceil(exhaustive / saving)
+        if adaptive_order == "screen":
+            forwards["screen"] = 3 * views * d
     vision_tokens, text_tokens = tokens_per_forward(config, classes)
     flops = 2 * (params["vision"] * vision_tokens + (params["language"] + params["projector"]) * text_tokens)
     if rate is None:
@@ -48,7 +60,8 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     seconds = sum(forwards.values()) / (rate * replicas)
     return {"params": params, "memory_gb": memory_gb, "gpus_per_replica": gpus_per_replica,
             "replicas_per_node": gpus_per_node // gpus_per_replica, "replicas": replicas, "images_in_d": d,
-            "heads": n_heads, "views": views, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
+            "heads": n_heads, "views": views, "forwards": forwards, "scan_exhaustive": exhaustive,
+            "adaptive_saving": saving, "adaptive_saving_measured": adaptive_saving is not None, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
             "hours": seconds / 3600, "gpu_hours": seconds * replicas * gpus_per_replica / 3600}
 
 
@@ -69,6 +82,9 @@ class PlanSettings:
     classes: int = 10
     rate: float | None = None
     measure_fig: bool = True
+    adaptive: bool = False
+    adaptive_order: str = "none"
+    adaptive_saving: float | None = None
 
     def plan(self, config) -> dict:
         """make_plan for these settings on a model's config."""

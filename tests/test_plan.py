@@ -1,6 +1,8 @@
 """`cigma-ray plan`: parameter formulas exact on tiny models, plausible on InternVL2-26B and LLaVA-1.5-13B."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
@@ -94,3 +96,33 @@ def test_plan_command_prints_every_number(tmp_path, capsys):
     assert "D = 500" in out and "scan 1,125,000 (heads x D x 2)" in out
     assert main(["plan", "--model", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_plan_adaptive_estimates_the_forwards_and_says_how(tmp_path, capsys):
+    from cigma_ray.method.adaptive import REFERENCE_SAVINGS, expected_saving
+
+    path = internvl2_26b(str(tmp_path / "m"))
+    config = read_config(f"hf:{path}")
+    exhaustive = make_plan(config, images=10_000)
+    p = make_plan(config, images=10_000, adaptive=True)
+    d = exhaustive["images_in_d"]
+    assert p["scan_exhaustive"] == exhaustive["forwards"]["scan"] == 1125 * d * 3
+    assert p["adaptive_saving"] == expected_saving(d) and 1 < p["adaptive_saving"] < 5
+    assert p["forwards"]["scan"] == math.ceil(p["scan_exhaustive"] / p["adaptive_saving"]) and p["hours"] < exhaustive["hours"]
+    for order, points in REFERENCE_SAVINGS.items():  # the reference replays are reproduced where they were measured
+        for n, saving in points:
+            assert expected_saving(n, order) == pytest.approx(saving)
+    assert expected_saving(100) == 1.0 and expected_saving(8104, "screen") > expected_saving(8104)
+    screen = make_plan(config, images=10_000, adaptive=True, adaptive_order="screen")
+    assert screen["forwards"]["screen"] == 3 * 3 * d and screen["forwards"]["scan"] < p["forwards"]["scan"]
+    assert make_plan(config, images=10_000, adaptive=True, adaptive_saving=8.0)["forwards"]["scan"] == \
+        math.ceil(p["scan_exhaustive"] / 8)
+
+    assert main(["plan", "--model", f"hf:{path}", "--images", "10000", "--adaptive"]) == 0
+    out = capsys.readouterr().out
+    assert f"exhaustive: {p['scan_exhaustive']:,}" in out and f"scan about {p['forwards']['scan']:,} adaptive" in out
+    assert "bench adaptive RUN" in out and "14.5 / g" in out
+    assert main(["plan", "--model", f"hf:{path}", "--adaptive", "--saving", "6"]) == 0
+    assert "--saving 6, as measured" in capsys.readouterr().out
+    assert main(["plan", "--model", f"hf:{path}", "--saving", "6"]) == 2
+    assert "add --adaptive" in capsys.readouterr().err

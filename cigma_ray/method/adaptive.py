@@ -558,3 +558,30 @@ def replay_resampled(matrix: np.ndarray, k: int, *, low: float, high: float, off
                          "exhaustive_pairs": res.exhaustive_pairs, "saving": res.saving,
                          "matched": res.extra["matched"], "rounds": res.rounds})
     return rows
+
+
+# -- what to expect before a scan (`cigma-ray plan --adaptive`) ---------------------------------------------
+# Savings (exhaustive pairs / pairs measured) the replays measured on the 320-head random-weight ViT of
+# benchmarks/results/adaptive-wide-vit-10x32-*.json (K = 16, delta = 0.05, big_drop; D and its bootstrap
+# resamples at 4x and 16x), by the images of D. The saving depends on how far the heads' scores sit from the
+# K-th (a head g below it leaves after about 2 x 0.69 x ln(2H / delta) / (0.9 g) images: 14.5 / g at H = 320),
+# which no config file says; these curves are a planning figure, not a promise.
+REFERENCE_SAVINGS = {"none": ((2026, 1.72), (8104, 4.39), (32416, 10.96)),
+                     "screen": ((2026, 2.65), (8104, 5.78), (32416, 12.63))}
+
+
+def expected_saving(n_images: int, order: str = "none") -> float:
+    """The saving to plan with at N images of D: the reference replays' savings interpolated in log N and log
+    saving, extended past their ends along the end segments' slopes, and never below 1 (at a few hundred
+    images nothing leaves early)."""
+    points = REFERENCE_SAVINGS[order]
+    x = np.log([p[0] for p in points])
+    y = np.log([p[1] for p in points])
+    t = math.log(max(1, n_images))
+    if t <= x[0]:
+        value = y[0] + (t - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+    elif t >= x[-1]:
+        value = y[-1] + (t - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    else:
+        value = float(np.interp(t, x, y))
+    return max(1.0, math.exp(value))
