@@ -27,10 +27,11 @@ import torch
 
 from cigma_ray.data import open_source
 from cigma_ray.data.demo import ensure_demo_data
-from cigma_ray.demo import demo_job
+from cigma_ray.demo.run import demo_job
 from cigma_ray.engine import scan_heads
 from cigma_ray.method import counterfactuals, foreground_cells, gains, optimise_masks, probs
-from cigma_ray.method.fidelity import spearman, top
+from cigma_ray.method.fidelity import top
+from cigma_ray.method.stability import spearman
 from cigma_ray.models import load
 
 
