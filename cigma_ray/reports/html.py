@@ -57,7 +57,7 @@ def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tup
     return png(fig)
 
 
-def intervals_figure(rows: list[dict], ci_level: float, score_name: str) -> bytes:
+def intervals_figure(rows: list[dict], ci_level: float, score_name: str, interval: str | None = None) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['layer']}.{r['head']}" for r in rows]
@@ -72,7 +72,7 @@ def intervals_figure(rows: list[dict], ci_level: float, score_name: str) -> byte
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_ylabel("head (layer.head)")
-    ax.set_xlabel(f"{score_name} with its {ci_level:.0%} bootstrap interval")
+    ax.set_xlabel(f"{score_name} with its {interval or f'{ci_level:.0%} bootstrap interval'}")
     return png(fig)
 
 
@@ -309,7 +309,9 @@ def write_report(run: Run, k: int, stability: Stability | None, panels: list[Ima
     rows = rankings.sort_by("rank").slice(0, k).to_pylist()
     level = meta["config"]["ci_level"]
     page.add(f"<h2>Top {k} heads</h2>")
-    page.image("top-heads.png", intervals_figure(rows, level, score), f"top {k} heads with intervals")
+    interval = (f"deciding interval (adaptive scan, jointly {1 - meta['config']['delta']:.0%})" if run.adaptive
+                else None)
+    page.image("top-heads.png", intervals_figure(rows, level, score, interval), f"top {k} heads with intervals")
     columns = ["rank", "layer", "head", "score", "stderr", "ci_low", "ci_high", "n"] + (["round"] if "round" in rows[0] else [])
     if run.adaptive:
         columns += ["in_top_k", "decided_early", "decided_round"]
