@@ -32,6 +32,8 @@ class Config:
     tau: float = 1.0
     mask_batch: int = 64
     mask_micro_batch: int = 0  # images per forward/backward within a mask batch (0: all of them); for memory
+    mask_tol: float = 0.0  # opt-in early stop of a mask: its loss changed by less than this over mask_window steps
+    mask_window: int = 10
     # scores and pruning
     bootstrap: int = 1000
     ci_level: float = 0.95
@@ -41,6 +43,12 @@ class Config:
     max_clean_drop: float = 0.02  # prune --auto-k: the most clean accuracy a pruning may cost
     rounds: int = 1  # iterative mode: scan, remove the top k_per_round heads, scan the rest again, ...
     k_per_round: int = 1
+    # adaptive scan (`scan --adaptive`): the exhaustive top K with probability >= 1 - delta, for fewer forwards
+    adaptive: bool = False
+    delta: float = 0.05
+    adaptive_first: int = 32  # images of D in the first round
+    adaptive_growth: float = 1.2  # each round's images of D so far x this
+    adaptive_order: str = "none"  # "screen": the gradient pre-screen's best heads are measured first
     # execution (never changes results)
     batch_size: int = 64
     unit_images: int = 64
@@ -65,6 +73,8 @@ class Config:
             "tau": self.tau > 0,
             "mask_batch": self.mask_batch >= 1,
             "mask_micro_batch": self.mask_micro_batch >= 0,
+            "mask_tol": self.mask_tol >= 0 and math.isfinite(self.mask_tol),
+            "mask_window": self.mask_window >= 1,
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
             "score": self.score in SCORES,
@@ -72,6 +82,10 @@ class Config:
             "max_clean_drop": 0 <= self.max_clean_drop <= 1,
             "rounds": self.rounds >= 1,
             "k_per_round": self.k_per_round >= 1,
+            "delta": 0 < self.delta < 1,
+            "adaptive_first": self.adaptive_first >= 1,
+            "adaptive_growth": self.adaptive_growth > 1 and math.isfinite(self.adaptive_growth),
+            "adaptive_order": self.adaptive_order in ADAPTIVE_ORDERS,
             "batch_size": self.batch_size >= 1,
             "unit_images": self.unit_images >= 1,
             "unit_layers": self.unit_layers >= 0,
@@ -81,14 +95,24 @@ class Config:
         if not bad and self.score != "big_drop" and not self.measure_fig:
             raise ConfigError(f"score={self.score!r} needs FIG^(-h) from the scan, but measure_fig is false; "
                               "set measure_fig: true, or score: big_drop")
+        if not bad and self.adaptive and self.rounds > 1:
+            raise ConfigError(f"adaptive: true with rounds={self.rounds}: the adaptive scan is a single scan of the "
+                              "intact model; use one or the other")
         if bad:
             raise ConfigError(f"config value out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                               f"({'; '.join(RANGES[k] for k in bad)})")
 
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
-                   "keep_ratio", "tau", "mask_batch", "mask_micro_batch", "bootstrap", "ci_level", "measure_fig", "score", "rounds",
-                   "k_per_round")
+                   "keep_ratio", "tau", "mask_batch", "mask_micro_batch", "mask_tol", "mask_window", "bootstrap",
+                   "ci_level", "measure_fig", "score", "rounds", "k_per_round", "adaptive", "delta", "adaptive_first",
+                   "adaptive_growth", "adaptive_order")
+
+    @staticmethod
+    def result_keys(config: dict[str, Any]) -> tuple[str, ...]:
+        """The keys that change a run's results: RESULT_KEYS, and top_k for an adaptive scan (K decides
+        which heads it measures)."""
+        return Config.RESULT_KEYS + (("top_k",) if config.get("adaptive") else ())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +139,8 @@ def resolve_k(top_k: int | float, n_heads: int, name: str = "top_k") -> int:
     return k
 
 
+ADAPTIVE_ORDERS = ("none", "screen")
+
 RANGES = {
     "tp_ratio": "a fraction in (0, 1]",
     "mask_size": "an integer >= 2",
@@ -128,6 +154,9 @@ RANGES = {
     "mask_batch": "images whose masks are optimised together, an integer >= 1",
     "mask_micro_batch": "images per forward and backward within a mask batch, for memory, an integer >= 0 "
                         "(0 = the whole mask batch)",
+    "mask_tol": "a loss change >= 0: a mask stops once its loss changed by less than this over mask_window steps "
+                "(0 = off: every mask takes mask_steps steps)",
+    "mask_window": "steps over which mask_tol compares the loss, an integer >= 1",
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
     "score": "one of big_drop (the paper's: mean drop in BIG), bir_drop (mean drop in BIR), big_minus_fig "
@@ -137,6 +166,11 @@ RANGES = {
     "max_clean_drop": "a fraction in [0, 1]",
     "rounds": "scan rounds, an integer >= 1 (1 = the paper's single scan)",
     "k_per_round": "heads removed after each round but the last, an integer >= 1",
+    "adaptive": "true or false",
+    "delta": "the adaptive scan's error probability, in (0, 1)",
+    "adaptive_first": "images of D in the adaptive scan's first round, an integer >= 1",
+    "adaptive_growth": "> 1: each adaptive round ends at this many times the images of the round before",
+    "adaptive_order": "none, or screen (the gradient pre-screen's best heads are measured first)",
     "batch_size": "an integer >= 1",
     "unit_images": "an integer >= 1",
     "unit_layers": "an integer >= 0 (0 = all layers in one unit)",

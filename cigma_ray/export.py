@@ -28,7 +28,7 @@ from .models.surgery import (
     timm_kwargs,
     zeroed_state_dict,
 )
-from .rundir import Run, StorageError, open_run, top_heads
+from .rundir import Run, StorageError, open_run
 
 CHECK_INPUTS = 2  # random inputs each saved model is compared on
 

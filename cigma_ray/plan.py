@@ -4,9 +4,11 @@ and time are estimates (memory: engine/memory.py), and every assumption is print
 (reports/plan.py)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .engine.memory import RESERVE, estimate_memory, host_bytes, micro_batches
+from .method.adaptive import expected_saving
 from .models.hf.sizes import count_params, heads_of, read_vision_layers, tokens_per_forward
 
 GB = 1e9
@@ -26,8 +28,12 @@ GPUS = {"h100": GPU(80, 989), "h200": GPU(141, 989), "a100-80": GPU(80, 312), "a
 def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_node: int = 8, nodes: int = 1,
               images: int = 10_000, accuracy: float = 1.0, tp_ratio: float = 0.4, mask_steps: int = 250,
               heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True,
-              mask_batch: int = 64, mask_micro_batch: int = 0, batch_size: int = 64) -> dict:
-    """Every number `cigma-ray plan` prints, as a dict (tests check them)."""
+              mask_batch: int = 64, mask_micro_batch: int = 0, batch_size: int = 64,
+              adaptive: bool = False, adaptive_order: str = "none", adaptive_saving: float | None = None) -> dict:
+    """Every number `cigma-ray plan` prints, as a dict (tests check them). With `adaptive`, the scan's forwards
+    are the exhaustive count divided by the expected saving (`method.adaptive.expected_saving` at this D, or
+    `adaptive_saving` as measured by `cigma-ray bench adaptive` on a comparable run), plus the pre-screen's
+    forward and backward (about 3 forwards) per view and image with adaptive_order screen."""
     params = count_params(config)
     card = GPUS[gpu]
     memory = replica_memory(config, params["total"], precision, card.memory_gb * GB, gpus_per_node, classes,
@@ -40,6 +46,13 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     unread = 0 if config.model_type == "clip" else v.num_hidden_layers - read_vision_layers(config, v.num_hidden_layers)
     views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
     forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
+    exhaustive = forwards["scan"]
+    saving = None
+    if adaptive:
+        saving = adaptive_saving if adaptive_saving is not None else expected_saving(d, adaptive_order)
+        forwards["scan"] = math.ceil(exhaustive / saving)
+        if adaptive_order == "screen":
+            forwards["screen"] = 3 * views * d
     vision_tokens, text_tokens = tokens_per_forward(config, classes)
     flops = 2 * (params["vision"] * vision_tokens + (params["language"] + params["projector"]) * text_tokens)
     if rate is None:
@@ -50,7 +63,9 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     seconds = sum(forwards.values()) / (rate * replicas)
     return {"params": params, "memory": memory, "memory_gb": memory["peak"] / GB, "gpus_per_replica": gpus_per_replica,
             "replicas_per_node": gpus_per_node // gpus_per_replica, "replicas": replicas, "images_in_d": d,
-            "heads": n_heads, "unread_layers": unread, "views": views, "forwards": forwards, "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
+            "heads": n_heads, "unread_layers": unread, "views": views, "forwards": forwards,
+            "scan_exhaustive": exhaustive, "adaptive_saving": saving, "adaptive_saving_measured": adaptive_saving is not None,
+            "flops_per_forward": flops, "rate": rate, "rate_measured": measured,
             "hours": seconds / 3600, "gpu_hours": seconds * replicas * gpus_per_replica / 3600}
 
 
@@ -113,6 +128,9 @@ class PlanSettings:
     mask_batch: int = 64
     mask_micro_batch: int = 0
     batch_size: int = 64
+    adaptive: bool = False
+    adaptive_order: str = "none"
+    adaptive_saving: float | None = None
 
     def plan(self, config) -> dict:
         """make_plan for these settings on a model's config."""

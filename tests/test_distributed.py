@@ -314,6 +314,55 @@ def test_killed_replica_is_replaced_and_results_are_identical(tmp_path, slow_run
     assert unit_failures(out) == []
 
 
+# -- 2b. the adaptive scan on two replicas, one of them killed mid-round --------------------------------------
+@pytest.mark.timeout(400)
+def test_adaptive_scan_on_two_replicas_with_one_killed_equals_the_in_process_one(tmp_path, slow_run, procs):
+    """`scan --adaptive` runs its rounds' units on the same executor: on two replicas, with one killed while it
+    runs an adaptive unit, the ranking is the in-process adaptive scan's and its top K the exhaustive one's."""
+    cfg = slow_run.cfg.replace(adaptive=True, delta=0.5, adaptive_first=4, adaptive_growth=1.5)
+    local = str(tmp_path / "local")
+    os.makedirs(local)
+    for folder in ("predictions", "masks"):
+        shutil.copytree(os.path.join(slow_run.out, folder), os.path.join(local, folder))
+    Pipeline(Job(model=slow_run.spec, data=slow_run.data, out=local, config=cfg), progress=False).run_all()
+    want = pq.read_table(os.path.join(local, "rankings.parquet"))
+
+    out = str(tmp_path / "run")
+    pipeline = Pipeline(Job(model=slow_run.spec, data=slow_run.data, out=out, config=cfg), progress=False)
+
+    def kill_a_replica_in_an_adaptive_round(executor):
+        for slot in list(executor.slots):
+            try:
+                busy = (slot.alive and slot.info.get("pid") and len(slot.units) >= 2
+                        and slot.units[0][1].subdir.startswith("adaptive/") and slot.units[0][1].file)
+            except IndexError:
+                continue
+            if busy:
+                os.kill(slot.info["pid"], signal.SIGKILL)
+                return {"pid": slot.info["pid"], "unit": busy}
+        return None
+
+    watch = ExecutorWatch(pipeline, kill_a_replica_in_an_adaptive_round)
+    watch.start()
+    try:
+        with ray_executor(pipeline.job, "local", 2, num_cpus=2) as executor:
+            pipeline.run_all(executor)
+    finally:
+        watch.finish()
+    assert watch.acted is not None, "the run ended before a replica could be killed in an adaptive round"
+    assert watch.slots >= 2 and watch.executor.replaced >= 1 and watch.executor.retries >= 1
+    got = pq.read_table(os.path.join(out, "rankings.parquet"))
+    for column in ("layer", "head", "rank", "n", "in_top_k", "decided_early", "decided_round"):
+        assert got[column].to_pylist() == want[column].to_pylist(), column
+    for column in ("score", "ci_low", "ci_high"):
+        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=0, atol=1e-6, err_msg=column)
+    k = cfg.k_of(len(slow_run.heads))
+    top = lambda t: {(r["layer"], r["head"]) for r in t.slice(0, k).to_pylist()}
+    assert top(got) == top(slow_run.rankings)
+    assert RunDir(out).read_json("adaptive.json") == RunDir(local).read_json("adaptive.json")
+    assert unit_failures(out) == []
+
+
 # -- 3. a poison unit -------------------------------------------------------------------------------
 @pytest.mark.timeout(500)
 def test_poison_unit_is_given_up_reported_and_retried_by_the_same_command(tmp_path, fast_run, procs):

@@ -34,7 +34,7 @@ from cigma_ray.models.attention import find_attentions
 from cigma_ray.models.surgery import zeroed_head
 from cigma_ray.rundir import RunDir, open_run, top_heads
 
-from helpers import cli, finished_run, write_folder
+from helpers import cli, write_folder
 
 FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
 

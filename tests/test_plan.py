@@ -1,6 +1,8 @@
 """`cigma-ray plan`: parameter formulas exact on tiny models, plausible on InternVL2-26B and LLaVA-1.5-13B."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
@@ -117,3 +119,31 @@ def test_memory_table_follows_the_estimates_and_the_config(tmp_path):
     assert whole["mask_whole_batch"] and whole["mask_micro_batch"] == 4 and whole["mask_suggested"] is None
     with pytest.raises(ValueError, match="more than the 1 a10g GPU"):
         make_plan(config, gpu="a10g", gpus_per_node=1)
+def test_plan_adaptive_estimates_the_forwards_and_says_how(tmp_path, capsys):
+    from cigma_ray.method.adaptive import REFERENCE_SAVINGS, expected_saving
+
+    path = internvl2_26b(str(tmp_path / "m"))
+    config = read_config(f"hf:{path}")
+    exhaustive = make_plan(config, images=10_000)
+    p = make_plan(config, images=10_000, adaptive=True)
+    d = exhaustive["images_in_d"]
+    assert p["scan_exhaustive"] == exhaustive["forwards"]["scan"] == 1125 * d * 3
+    assert p["adaptive_saving"] == expected_saving(d) and 1 < p["adaptive_saving"] < 5
+    assert p["forwards"]["scan"] == math.ceil(p["scan_exhaustive"] / p["adaptive_saving"]) and p["hours"] < exhaustive["hours"]
+    for order, points in REFERENCE_SAVINGS.items():  # the reference replays are reproduced where they were measured
+        for n, saving in points:
+            assert expected_saving(n, order) == pytest.approx(saving)
+    assert expected_saving(100) == 1.0 and expected_saving(8104, "screen") > expected_saving(8104)
+    screen = make_plan(config, images=10_000, adaptive=True, adaptive_order="screen")
+    assert screen["forwards"]["screen"] == 3 * 3 * d and screen["forwards"]["scan"] < p["forwards"]["scan"]
+    assert make_plan(config, images=10_000, adaptive=True, adaptive_saving=8.0)["forwards"]["scan"] == \
+        math.ceil(p["scan_exhaustive"] / 8)
+
+    assert main(["plan", "--model", f"hf:{path}", "--images", "10000", "--adaptive"]) == 0
+    out = capsys.readouterr().out
+    assert f"exhaustive: {p['scan_exhaustive']:,}" in out and f"scan about {p['forwards']['scan']:,} adaptive" in out
+    assert "bench adaptive RUN" in out and "14.5 / g" in out
+    assert main(["plan", "--model", f"hf:{path}", "--adaptive", "--saving", "6"]) == 0
+    assert "--saving 6, as measured" in capsys.readouterr().out
+    assert main(["plan", "--model", f"hf:{path}", "--saving", "6"]) == 2
+    assert "add --adaptive" in capsys.readouterr().err

@@ -6,6 +6,7 @@ inherit the driver's environment). Results must equal a run on a local directory
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -471,3 +472,27 @@ def test_sigkill_during_an_s3_upload_of_a_unit_file_resumes_to_the_same_rankings
     assert {k[len("runs/kill/"):] for k in objects} == reference["files"]
     assert_no_temporaries(objects)
     assert list(work.iterdir()) == []
+
+
+def test_adaptive_scan_on_s3_equals_the_local_one(s3, image_folder, tiny_checkpoint, tmp_path):
+    """`scan --adaptive --order screen` on object storage: its rounds' units, the pre-screen and adaptive.json
+    land under the run's prefix file for file as on a local disk, with the same ranking."""
+    cfg = CFG.replace(adaptive=True, delta=0.5, adaptive_first=3, adaptive_growth=1.5, adaptive_order="screen")
+    path, model, kwargs = tiny_checkpoint
+    spec = ModelSpec(f"timm:{model}", checkpoint=path, model_kwargs=kwargs)
+    local = str(tmp_path / "local")
+    Pipeline(Job(model=spec, data=image_folder, out=local, config=cfg), progress=False).run_all()
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/runs/adaptive"
+    Pipeline(Job(model=spec, data=image_folder, out=url, config=cfg), progress=False).run_all()
+    got, want = s3_rankings(url), pq.read_table(os.path.join(local, "rankings.parquet"))
+    for col in ("rank", "layer", "head", "n", "in_top_k", "decided_early", "decided_round"):
+        assert got[col].to_pylist() == want[col].to_pylist(), col
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+    objects = s3.objects(bucket, "runs/adaptive/")
+    keys = {k[len("runs/adaptive/"):] for k in objects}
+    assert keys == local_files(local)
+    assert any(k.startswith("deltas/adaptive/round-000/") for k in keys) and any(k.startswith("screen/") for k in keys)
+    assert_no_temporaries(objects)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert RunDir(url).read_json("adaptive.json") == json.loads(open(os.path.join(local, "adaptive.json")).read())

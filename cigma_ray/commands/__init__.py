@@ -51,6 +51,11 @@ COMMANDS: dict[str, Command] = {
                      "`prune` for each K, with a plot of accuracy and BIR against K for the top K by each score and "
                      "the controls (RUN/eval/sweep.png)."),
     "plan": Command("plan", "memory, placement, forwards and time of a scan, from a model's config.json only"),
+    "screen": Command("screen", "every head's first-order estimate of its score from one forward and backward per "
+                      "view and image (the gradient pre-screen), with its fidelity to the run's exact scan",
+                      "Writes RUN/screen/ (per image and head), RUN/screen.parquet (per head: each score's estimate "
+                      "and rank) and RUN/screen.json (fidelity: Spearman and recall of the exact top K in the "
+                      "screen's top K, 2K, 4K, where the run has an exhaustive scan)."),
 }
 
 

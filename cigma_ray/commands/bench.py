@@ -17,6 +17,20 @@ from .options import check_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", nargs="?", choices=["adaptive"], help="adaptive RUN: replay the adaptive scan on a "
+                   "finished exhaustive run's deltas (no model): forwards used against the exhaustive scan, whether "
+                   "the top-K set matched, and the saving on bootstrap resamples of D at 1x, 4x and 16x its size "
+                   "(without a mode: the scan measurements below)")
+    p.add_argument("run", nargs="?", help="adaptive: a finished exhaustive run directory")
+    adaptive = p.add_argument_group("bench adaptive RUN")
+    adaptive.add_argument("--delta", type=float, help="the adaptive scan's error probability (default: 0.05)")
+    adaptive.add_argument("--top-k", type=_count_or_fraction, help="K: a count, or a fraction of the heads (default: "
+                          "the run's top_k)")
+    adaptive.add_argument("--scales", help="resample D at these multiples of its size (default 1,4,16)")
+    adaptive.add_argument("--resamples", type=int, help="replays per scale (default 1)")
+    adaptive.add_argument("--order", choices=["none", "screen"], help="screen: lead with the run's pre-screen "
+                          "(screen.parquet, from `cigma-ray screen RUN`), as `scan --adaptive --order screen` does")
+    adaptive.add_argument("--json", metavar="FILE", help="also write the numbers as JSON here")
     p.add_argument("--model", nargs="+", metavar="NAME", help="timm model names (timm: prefix optional)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32 on cpu, bf16 on cuda")
@@ -58,8 +72,51 @@ def model_name(name: str) -> str:
     return arch
 
 
-def settings(args: argparse.Namespace) -> Settings:
+ADAPTIVE_ONLY = ("delta", "top_k", "scales", "resamples", "order", "json")
+SCAN_ONLY = ("model", "device", "precision", "images", "batch_sizes", "mask_steps", "img_size", "no_bf16_check")
+
+
+def _count_or_fraction(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of heads (16) or a fraction of them (0.02)") from None
+
+
+def adaptive_settings(args: argparse.Namespace):
+    """`bench adaptive RUN`'s options, checked."""
+    from ..bench.adaptive import AdaptiveBench
+
+    if not args.run:
+        raise ConfigError("bench adaptive needs a RUN: a finished exhaustive run directory")
+    scan_options = [f"--{k.replace('_', '-')}" for k in SCAN_ONLY if getattr(args, k) not in (None, False)]
+    if scan_options:
+        raise ConfigError(f"{', '.join(scan_options)}: options of the scan measurements, not of bench adaptive")
+    delta = 0.05 if args.delta is None else args.delta
+    if not 0 < delta < 1:
+        raise ConfigError(f"--delta {delta}: an error probability in (0, 1), e.g. 0.05")
+    if args.top_k is not None and (args.top_k <= 0 or (isinstance(args.top_k, float) and args.top_k >= 1)):
+        raise ConfigError(f"--top-k {args.top_k}: a count of heads >= 1 or a fraction of them in (0, 1)")
+    try:
+        scales = tuple(int(x) for x in (args.scales or "1,4,16").split(","))
+    except ValueError:
+        scales = ()
+    if not scales or min(scales) < 1:
+        raise ConfigError(f"--scales {args.scales!r}: positive integers separated by commas, e.g. 1,4,16")
+    positive(args.resamples, "--resamples")
+    return AdaptiveBench(run=args.run, delta=delta, top_k=args.top_k, scales=scales, resamples=args.resamples or 1,
+                         order=args.order or "none", json=args.json)
+
+
+def settings(args: argparse.Namespace):
     """Check every argument before any measurement, and fill in the device's defaults."""
+    if args.mode == "adaptive":
+        return adaptive_settings(args)
+    if args.run:
+        raise ConfigError(f"{args.run!r}: bench takes a RUN only in a mode (bench adaptive RUN)")
+    adaptive_options = [f"--{k.replace('_', '-')}" for k in ADAPTIVE_ONLY if getattr(args, k) is not None]
+    if adaptive_options:
+        raise ConfigError(f"{', '.join(adaptive_options)}: options of `bench adaptive RUN`")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device!r}: use cpu or cuda[:N]")
@@ -86,7 +143,9 @@ def settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def run(s: Settings) -> int:
+def run(s) -> int:
+    if not isinstance(s, Settings):
+        return run_adaptive(s)
     from ..bench import file_stem, run_suite
     from ..reports.bench import bench_figure, bench_text
 
@@ -99,4 +158,17 @@ def run(s: Settings) -> int:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     bench_figure(result, png_path)
     print(f"saved {json_path} and {png_path}")
+    return 0
+
+
+def run_adaptive(s) -> int:
+    from ..bench.adaptive import replay_bench
+    from ..reports.bench import adaptive_bench_text
+
+    result = replay_bench(s)
+    print(adaptive_bench_text(result))
+    if s.json:
+        Path(s.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"saved {s.json}")
     return 0

@@ -26,16 +26,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default="vision", choices=HEADS)
     p.add_argument("--classes", type=int, default=10, help="number of classes (prompt and scoring length; default 10)")
     p.add_argument("--rate", type=float, help="measured whole-model forwards per second per replica")
+    p.add_argument("--adaptive", action="store_true", help="the scan's forwards with `scan --adaptive` (an estimate: "
+                   "the exhaustive count over the saving replays measured at this many images of D; see --saving)")
+    p.add_argument("--saving", type=float, help="with --adaptive: the saving to plan with, as `cigma-ray bench "
+                   "adaptive RUN` measured it on a comparable run (instead of the built-in reference)")
 
 
 def settings(args: argparse.Namespace) -> PlanSettings:
     cfg = config_mod.load(args.config)
+    if args.saving is not None and not (args.adaptive or cfg.adaptive):
+        raise ConfigError("--saving is the adaptive scan's: add --adaptive")
+    if args.saving is not None and not args.saving >= 1:
+        raise ConfigError(f"--saving {args.saving}: exhaustive forwards over adaptive ones, a number >= 1 (e.g. 2.6)")
     return PlanSettings(model=args.model, precision=args.precision, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                         nodes=args.nodes, images=args.images, accuracy=args.accuracy,
                         tp_ratio=cfg.tp_ratio if args.tp_ratio is None else args.tp_ratio,
                         mask_steps=cfg.mask_steps if args.mask_steps is None else args.mask_steps, heads=args.heads,
                         classes=args.classes, rate=args.rate, measure_fig=cfg.measure_fig, mask_batch=cfg.mask_batch,
-                        mask_micro_batch=cfg.mask_micro_batch, batch_size=cfg.batch_size)
+                        mask_micro_batch=cfg.mask_micro_batch, batch_size=cfg.batch_size,
+                        adaptive=args.adaptive or cfg.adaptive, adaptive_order=cfg.adaptive_order,
+                        adaptive_saving=args.saving)
 
 
 def run(s: PlanSettings) -> int:

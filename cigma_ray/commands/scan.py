@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="iterative mode: after each round remove the top --k-per-round "
                    "heads and scan the rest again on the pruned model (config key rounds; default 1)")
     p.add_argument("--k-per-round", type=int, help="heads removed after each round (config key k_per_round)")
+    p.add_argument("--adaptive", action="store_true", default=None, help="adaptive scan: measure heads in rounds "
+                   "over a seeded order of D and stop measuring a head once it is surely in or out of the top K; "
+                   "with probability >= 1 - delta the top-K set is the exhaustive scan's (config key adaptive)")
+    p.add_argument("--delta", type=float, help="the adaptive scan's error probability (config key delta; default 0.05)")
+    p.add_argument("--order", choices=["none", "screen"], help="adaptive scan: screen = measure first the heads the "
+                   "gradient pre-screen ranks best (it orders the work, never decides; config key adaptive_order)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true", help="check the config and arguments, then stop "
                    "(no model load, no data access, no cluster)")
@@ -41,7 +47,12 @@ def settings(args: argparse.Namespace) -> Settings:
     from ..rundir import check_out
 
     cfg = config_mod.load(args.config)
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round)) if v is not None}
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("k_per_round", args.k_per_round),
+                                   ("adaptive", args.adaptive), ("delta", args.delta),
+                                   ("adaptive_order", args.order)) if v is not None}
+    if (args.delta is not None or args.order is not None) and not overrides.get("adaptive", cfg.adaptive):
+        raise ConfigError("--delta and --order are settings of the adaptive scan: add --adaptive (or adaptive: true "
+                          "in the config)")
     scan = ScanOptions.from_args(args)
     if not args.dry_run:  # a dry run reads no files (it checks a pod's command line, whose paths are the pod's)
         check_out(args.out)  # an existing file: refused before the model loads

@@ -14,6 +14,7 @@ from ..models import LoadedModel
 from .checks import check_finite
 from .memory import micro_batches, replica_estimate, scan_batch
 from .scan import Ablated, batched, scan_heads
+from .screen import Screened, screen_images
 
 PRECISIONS = ("fp32", "bf16")
 T = TypeVar("T")
@@ -113,7 +114,8 @@ class Replica:
                 q = probs(batched(self._logits, x, cfg.mask_micro_batch or len(x)), cfg.tau)
             mask = optimise_masks(self._logits, x, q, mask_size=cfg.mask_size, mask_lr=cfg.mask_lr,
                                   mask_steps=cfg.mask_steps, l_js=cfg.l_js, l_1=cfg.l_1, l_tv=cfg.l_tv, tau=cfg.tau,
-                                  micro_batch=cfg.mask_micro_batch, on_step=on_step).cpu()
+                                  micro_batch=cfg.mask_micro_batch, on_step=on_step, mask_tol=cfg.mask_tol,
+                                  mask_window=cfg.mask_window).cpu()
         except torch.OutOfMemoryError as e:  # halving would change the masks (see above), so say what to do
             estimate = f"; by the estimate {fits} fit, which `cigma-ray plan` prints too" if fits is not None else ""
             raise torch.OutOfMemoryError(f"out of memory learning {len(x)} masks together on {self.device}; set the "
@@ -150,6 +152,14 @@ class Replica:
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
                                     on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg, model_name=self.name),
             self.batch_size)
+        return out
+
+    def screen(self, images: torch.Tensor, fg: torch.Tensor, tau: float, measure_fig: bool = True) -> Screened:
+        """The gradient pre-screen of these images (engine.screen): dBIG_i/dg_h (and dFIG_i/dg_h) for every head."""
+        x = self.upload(images)
+        out, self.batch_size = halving_on_oom(
+            lambda size: screen_images(self.adapter, x, fg.to(self.device), tau=tau, measure_fig=measure_fig,
+                                       batch_size=size, autocast=self.autocast), self.batch_size)
         return out
 
     def keep_without(self, heads: list[tuple[int, int]]) -> dict[int, torch.Tensor]:

@@ -36,9 +36,11 @@ def first_round_deltas(run: Run, image_ids: list[int]) -> np.ndarray:
     return score_matrices(run.dir, units, run.heads, image_ids, [cfg.score])[cfg.score]
 
 
-def stability(run: Run, k: int) -> Stability:
+def stability(run: Run, k: int) -> Stability | None:
     """Top-K probability over the run's bootstrap resamples (1000 when the run has none) and split-half
-    agreement, from the run's first scan."""
+    agreement, from the run's first scan; None for an adaptive scan (most heads were measured on part of D)."""
+    if run.adaptive:
+        return None
     image_ids = sorted(run.masks(["image_id"])["image_id"].to_pylist())
     deltas = first_round_deltas(run, image_ids)
     cfg = run.meta["config"]

@@ -56,8 +56,12 @@ def optimise_masks(
     tau: float = 1.0,
     micro_batch: int = 0,
     on_step: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks.
+    mask_tol: float = 0.0,
+    mask_window: int = 10,
+    return_steps: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Learn M = sigmoid(theta) for every image of a batch together; returns (N, s, s) fp32 masks
+    (and, with `return_steps`, the (N,) Adam steps each mask took).
 
     The per-image losses are summed, and Adam is elementwise, so each mask follows exactly the
     trajectory it would follow alone. `micro_batch` > 0 runs each step's forward and backward
@@ -65,25 +69,57 @@ def optimise_masks(
     gradient for an image is its own loss's gradient either way, so the masks are those of the
     whole batch wherever the model's forward gives an image the same result in a smaller batch.
     `on_step` is called after each optimisation step (progress).
+
+    Early stopping (opt-in, `mask_tol` > 0): an image stops at the first step s >= mask_window at
+    which its own loss differs from its loss mask_window steps earlier by less than mask_tol; its
+    mask is then the one the loss was measured at (s Adam steps). A stopped image stays in the
+    batch's forwards (the batch's composition, and so its float rounding, never changes) and its
+    logits are put back after every Adam step (Adam's moments for it run on, unused), so every
+    image's mask is its full-length trajectory cut at its own stopping step: bit for bit the mask
+    of a run with mask_steps = s, whatever the other images of the batch did. The loop ends when
+    every image has stopped. mask_tol = 0 is the method's fixed mask_steps.
     """
     n = images.shape[0]
     size = tuple(images.shape[-2:])
     base = baseline(images)
     theta = torch.zeros(n, mask_size, mask_size, device=images.device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=mask_lr)
-    step = micro_batch if 0 < micro_batch < n else n
-    for _ in range(mask_steps):
+    chunk = micro_batch if 0 < micro_batch < n else n
+    steps = torch.full((n,), mask_steps, dtype=torch.long)
+    early = mask_tol > 0
+    if early:
+        history = torch.empty(mask_window, n, dtype=torch.float32, device=images.device)  # ring of past losses
+        stopped = torch.zeros(n, dtype=torch.bool, device=images.device)
+        frozen = torch.zeros_like(theta, requires_grad=False)
+    for step in range(mask_steps):
         opt.zero_grad(set_to_none=True)
-        for s in range(0, n, step):
-            rows = slice(s, s + step)
+        losses = []
+        for s in range(0, n, chunk):
+            rows = slice(s, s + chunk)
             mask = torch.sigmoid(theta[rows])
             keep_img = blend(images[rows], upsample_soft(mask, size).to(images.dtype), base[rows])
-            loss = mask_loss(q[rows], probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv).sum()
-            loss.backward()
+            per_image = mask_loss(q[rows], probs(logits_fn(keep_img), tau), mask, l_js, l_1, l_tv)
+            per_image.sum().backward()
+            losses.append(per_image.detach().float())
+        if early:
+            now = torch.cat(losses)
+            if step >= mask_window:
+                newly = ~stopped & ((now - history[step % mask_window]).abs() < mask_tol)
+                if newly.any():
+                    frozen[newly] = theta.detach()[newly]
+                    steps[newly.cpu()] = step
+                    stopped |= newly
+                    if bool(stopped.all()):
+                        break
+            history[step % mask_window] = now
         opt.step()
+        if early and bool(stopped.any()):
+            with torch.no_grad():
+                theta[stopped] = frozen[stopped]
         if on_step is not None:
             on_step()
-    return torch.sigmoid(theta.detach())
+    out = torch.sigmoid(theta.detach())
+    return (out, steps) if return_steps else out
 
 
 def foreground_cells(mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ def top_k_probability(deltas: np.ndarray, k: int, resamples: int, seed: int) -> 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties sharing their mean rank (what Spearman's correlation needs)."""
+    x = np.asarray(x, np.float64)
     order = np.argsort(x, kind="stable")
     sorted_x = x[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
@@ -29,6 +30,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's of average ranks); NaN where either side is constant."""
     ra, rb = average_ranks(a), average_ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import Config, ConfigError, resolve_k
@@ -19,12 +20,14 @@ from ..method import SCORES
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
 from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out
+from .adaptive import AdaptiveScan, lead_heads
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
+from .screen import screen_scores, screen_units
 from .units import (
     Job,
-    check_units,
     Unit,
+    check_units,
     mask_units,
     missing_units,
     predict_units,
@@ -143,6 +146,9 @@ class Pipeline:
             selected = self.selected()
             self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
                            "img-step")  # ticks once per optimisation step of a unit's images
+            if self.cfg.adaptive:
+                self.run_adaptive(selected)
+                return
             rounds = []
             for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer,
                                                  sorted(self.adapter.skipped_layers)):
@@ -152,6 +158,27 @@ class Pipeline:
             self.run.write_table("rankings.parquet", merge_rounds(rounds, self.cfg.k_per_round, self.cfg.score))
         finally:
             self.executor = own
+
+    def screen(self, selected: list[int]) -> dict[str, np.ndarray]:
+        """The gradient pre-screen of D (screen/, skipped where done): per score the run has, each head's estimate."""
+        units = screen_units(selected, self.cfg)
+        self.run_stage("screen", units, lambda u: len(u.image_ids), "img")
+        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        return screen_scores(self.run, units, self.adapter.heads, sorted(selected), names)
+
+    def run_adaptive(self, selected: list[int]) -> None:
+        """The adaptive scan (pipeline/adaptive.py): its rounds' units on this pipeline's executor, then
+        adaptive.json and rankings.parquet. With adaptive_order: screen, the pre-screen runs first."""
+        lead = None
+        if self.cfg.adaptive_order == "screen":
+            lead = scanned_lead(self.screen(selected)[self.cfg.score], self.adapter.heads_per_layer,
+                                self.adapter.skipped_layers, self.cfg)
+        scan = AdaptiveScan(self.run, self.cfg, selected, self.adapter.heads_per_layer, lead,
+                            sorted(self.adapter.skipped_layers))
+        for spec, units in scan.rounds():
+            self.run_stage(f"adaptive r{spec.index}", units, lambda u: len(u.image_ids) * len(u.heads), "pair")
+        self.run.write_json("adaptive.json", scan.summary())
+        self.run.write_table("rankings.parquet", scan.ranking())
 
     def rank_round(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> pa.Table:
         """Score one round's heads from its deltas, one unit file at a time, best first (`rank_heads`).
@@ -178,6 +205,7 @@ def run_status(run: RunDir) -> dict:
     cfg = Config(**meta["config"])
     plan = meta["plan"]
     stages, damaged = {}, {}
+    adaptive = None
 
     def count(name: str, units: list[Unit]) -> None:
         todo, bad = check_units(run, units)  # every file read whole and checked against its receipt
@@ -189,9 +217,46 @@ def run_status(run: RunDir) -> dict:
         preds = run.read_folder("predictions", columns=["image_id", "correct"])
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
-        count("mask", mask_units(selected, cfg))
-        for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"], plan.get("skipped_layers", ())):
-            count("scan" if r == 0 else f"scan round {r}", units)
+        stages_units = [("mask", mask_units(selected, cfg))]
+        if cfg.adaptive:
+            adaptive = adaptive_status(run, cfg, selected, plan["heads_per_layer"], plan.get("skipped_layers", []),
+                                       stages_units)
+        else:
+            stages_units += [("scan" if r == 0 else f"scan round {r}", units)
+                             for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"],
+                                                            plan.get("skipped_layers", ()))]
+        for name, units in stages_units:
+            count(name, units)
     failures = run.read_folder("failures")
     return {"meta": meta, "stages": stages, "ranked": run.exists("rankings.parquet"), "damaged": damaged,
-            "failures": failures.to_pylist() if failures is not None else []}
+            "failures": failures.to_pylist() if failures is not None else [], "adaptive": adaptive}
+
+
+def adaptive_status(run: RunDir, cfg: Config, selected: list[int], heads_per_layer: list[int],
+                    skipped: list[int], stages_units: list) -> dict | None:
+    """An adaptive run's screen and rounds so far (appended to `stages_units`; the rounds are replayed from
+    their files, as a resumed scan would), and its state: rounds done, pairs measured, heads decided."""
+    if not selected or missing_units(run, mask_units(selected, cfg)):
+        return None
+    lead = None
+    if cfg.adaptive_order == "screen":
+        units = screen_units(selected, cfg)
+        stages_units.append(("screen", units))
+        if missing_units(run, units):
+            return None
+        heads = [(layer, h) for layer, n in enumerate(heads_per_layer) for h in range(n)]
+        estimates = screen_scores(run, units, heads, sorted(selected), [cfg.score])[cfg.score]
+        lead = scanned_lead(estimates, heads_per_layer, skipped, cfg)
+    scan = AdaptiveScan(run, cfg, selected, heads_per_layer, lead, skipped)
+    for spec, units in scan.rounds():
+        stages_units.append((f"adaptive round {spec.index}", units))
+    return scan.summary()
+
+
+def scanned_lead(estimates: np.ndarray, heads_per_layer: list[int], skipped, cfg: Config) -> np.ndarray:
+    """The screen's lead heads among the scanned ones (the screen estimates every head; skipped layers' heads
+    are not in the adaptive scan)."""
+    skipped = set(skipped)
+    keep = [i for i, (layer, _) in enumerate((l, h) for l, n in enumerate(heads_per_layer) for h in range(n))
+            if layer not in skipped]
+    return lead_heads(np.asarray(estimates)[keep], cfg.k_of(len(keep)))

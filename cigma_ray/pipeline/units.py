@@ -48,10 +48,13 @@ class Unit:
     heads: tuple[tuple[int, int], ...] = ()  # a scan unit's heads
     round: int = 0  # iterative mode: the scan round
     removed: tuple[tuple[int, int], ...] = ()  # heads removed by earlier rounds, ablated throughout
+    subdir: str = ""  # a folder of the stage's own (an adaptive scan's round: "adaptive/round-003")
 
     @property
     def file(self) -> str:
-        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas"}[self.stage]
+        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas", "screen": "screen"}[self.stage]
+        if self.subdir:
+            folder += f"/{self.subdir}"
         if self.round:
             folder += f"/round-{self.round:02d}"
         name = f"part-{self.shard:05d}"

@@ -75,7 +75,8 @@ class Worker:
             "bir": pa.array(result.bir.numpy(), pa.float64()),
         })
 
-    def _scan(self, unit: Unit, progress) -> pa.Table:
+    def _masked_images(self, unit: Unit):
+        """(masks rows, image ids, images) of a unit's images of D, by image id; images unreadable now are left out."""
         masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "fig", "big"]) for f in unit.inputs])
         wanted = pa.array(unit.image_ids, pa.int64())
         masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
@@ -85,6 +86,21 @@ class Worker:
             keep = {r.image_id for r in ok}
             masks = masks.filter(pa.array([i in keep for i in ids]))
             ids = [i for i in ids if i in keep]
+        return masks, ids, images
+
+    def _screen(self, unit: Unit, progress) -> pa.Table:
+        """The gradient pre-screen of a unit's images: every head's dBIG_i/dg_h (and dFIG_i/dg_h) at g = 1."""
+        masks, ids, images = self._masked_images(unit)
+        heads = self.loaded.adapter.heads
+        if not ids:
+            return screen_table([], heads, None, self.cfg.measure_fig)
+        screened = self.replica.screen(images, decode_fg(masks["fg"], self.cfg.mask_size), self.cfg.tau,
+                                       self.cfg.measure_fig)
+        progress(len(ids))
+        return screen_table(ids, heads, screened, self.cfg.measure_fig)
+
+    def _scan(self, unit: Unit, progress) -> pa.Table:
+        masks, ids, images = self._masked_images(unit)
         if not ids:
             return empty_deltas_table(self.cfg.measure_fig)
         fg = decode_fg(masks["fg"], self.cfg.mask_size)
@@ -125,6 +141,22 @@ def empty_masks_table() -> pa.Table:
     return pa.table({"image_id": pa.array([], pa.int64()), "mask": pa.array([], pa.list_(pa.float32())),
                      "fg": pa.array([], pa.list_(pa.bool_())), "fig": pa.array([], pa.float64()),
                      "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64())})
+
+
+def screen_table(ids: list[int], heads: list[tuple[int, int]], screened, measure_fig: bool) -> pa.Table:
+    """screen/ rows, one per (head, image): image_id, layer, head, grad_big, big (intact, same forward) and,
+    with measure_fig, grad_fig, fig."""
+    n = len(ids)
+    columns = {"image_id": pa.array(np.tile(np.array(ids, dtype=np.int64), len(heads)), pa.int64()),
+               "layer": pa.array(np.repeat([l for l, _ in heads], n).astype(np.int32), pa.int32()),
+               "head": pa.array(np.repeat([h for _, h in heads], n).astype(np.int32), pa.int32())}
+    pairs = [("grad_big", "big")] + ([("grad_fig", "fig")] if measure_fig else [])
+    for grad, gain in pairs:
+        g = np.zeros((len(heads), 0)) if screened is None else getattr(screened, grad).numpy()
+        v = np.zeros(0) if screened is None else getattr(screened, gain).numpy()
+        columns[grad] = pa.array(g.astype(np.float64).reshape(-1), pa.float64())
+        columns[gain] = pa.array(np.tile(v.astype(np.float64), len(heads)), pa.float64())
+    return pa.table(columns)
 
 
 def empty_deltas_table(measure_fig: bool = False) -> pa.Table:

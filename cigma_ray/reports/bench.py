@@ -102,3 +102,28 @@ def bench_text(result: dict) -> str:
                          f"{top['changed']}/{len(seeds)}); Spearman {per_seed(seeds, 'spearman')}; "
                          f"Kendall {per_seed(seeds, 'kendall')}")
     return "\n".join(lines)
+
+
+def adaptive_bench_text(r: dict) -> str:
+    """`bench adaptive`: the replay as scanned and on resamples of D, forwards against the exhaustive scan."""
+    lines = [f"run       {r['run']}: {r['model']}, {r['heads']} heads, D = {r['images']} images, {r['views']} ablated "
+             f"forwards per (head, image) pair",
+             f"adaptive  score {r['score']}, K = {r['k']}, delta = {r['delta']}, order {r['order']}, rounds from "
+             f"{r['first']} images x{r['growth']}, bet cap {r['bet_cap']}",
+             f"scores    K-th {r['kth_score']:+.5f}, (K+1)-th {r['next_score']:+.5f}, median {r['median_score']:+.5f}; "
+             f"per-image spread of the terms (std over D, median over heads) {r['term_spread']:.5f}",
+             f"{'D':>14} {'images':>7} {'rounds':>6} {'ablated forwards':>17} {'exhaustive':>12} {'saving':>7}  top-K set"]
+    for row in r["rows"]:
+        label = "as scanned" if row["scale"] == "D" else f"{row['scale']}x resample"
+        lines.append(f"{label:>14} {row['images']:>7} {row['rounds']:>6} {row['forwards']:>17,} "
+                     f"{row['exhaustive_forwards']:>12,} {row['saving']:>6.2f}x  {'same' if row['matched'] else 'DIFFERENT':>9}")
+    if "screen_forwards" in r["rows"][0]:
+        lines.append("with the pre-screen's cost (a forward and a backward, about 3 forwards, per view and image): "
+                     + ", ".join(f"{row['saving_with_screen']:.2f}x at {row['images']}" for row in r["rows"]))
+    matched = sum(row["matched"] for row in r["rows"])
+    lines.append(f"top-K set equal to the exhaustive one in {matched}/{len(r['rows'])} replays; as scanned, "
+                 f"{r['decided_in']} heads were decided in and {r['decided_out']} out before D was exhausted "
+                 f"({r['seconds']:.1f} s of replays)")
+    lines.append("(resamples draw D's images with replacement at that multiple of its size: the saving grows with N "
+                 "because the images a decision needs do not)")
+    return "\n".join(lines)

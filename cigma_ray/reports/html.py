@@ -20,7 +20,7 @@ import torch
 from ..evaluation.inspection import ImagePanel, Stability
 from ..method import SCORES
 from ..rundir import Run, RunDir
-from .run import run_summary
+from .run import adaptive_note, run_summary
 
 REPORT_DIR = "report"
 
@@ -57,7 +57,7 @@ def heatmap_figure(rankings: pa.Table, heads_per_layer: list[int], top: list[tup
     return png(fig)
 
 
-def intervals_figure(rows: list[dict], ci_level: float, score_name: str) -> bytes:
+def intervals_figure(rows: list[dict], ci_level: float, score_name: str, interval: str | None = None) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['layer']}.{r['head']}" for r in rows]
@@ -72,7 +72,7 @@ def intervals_figure(rows: list[dict], ci_level: float, score_name: str) -> byte
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_ylabel("head (layer.head)")
-    ax.set_xlabel(f"{score_name} with its {ci_level:.0%} bootstrap interval")
+    ax.set_xlabel(f"{score_name} with its {interval or f'{ci_level:.0%} bootstrap interval'}")
     return png(fig)
 
 
@@ -198,7 +198,9 @@ def summary_section(page: Page, run: Run, k: int) -> None:
     cfg = meta["config"]
     rows.append(["config", f"score {cfg.get('score', 'big_drop')}, measure_fig {cfg.get('measure_fig', False)}, "
                  f"top_k {cfg['top_k']} (shown: top {k}), bootstrap {cfg['bootstrap']}, ci_level "
-                 f"{cfg['ci_level']}, tp_ratio {cfg['tp_ratio']}, seed {cfg['seed']}, rounds {cfg.get('rounds', 1)}"])
+                 f"{cfg['ci_level']}, tp_ratio {cfg['tp_ratio']}, seed {cfg['seed']}, rounds {cfg.get('rounds', 1)}"
+                 + (f", adaptive (delta {cfg['delta']}, order {cfg.get('adaptive_order', 'none')})"
+                    if cfg.get("adaptive") else "")])
     page.add("<table>" + "".join(f'<tr><th class="l">{html.escape(a)}</th><td class="l">{html.escape(b)}</td></tr>'
                                  for a, b in rows) + "</table>")
 
@@ -280,7 +282,7 @@ def collapse_note(page: Page, rows: list[dict]) -> None:
                  "model no longer uses the image, so its low BIR is not a fix for the shortcut.</p>")
 
 
-def write_report(run: Run, k: int, stability: Stability, panels: list[ImagePanel] | None) -> str:
+def write_report(run: Run, k: int, stability: Stability | None, panels: list[ImagePanel] | None) -> str:
     """Build RUN/report/index.html and its PNGs from the run's files and what evaluation.inspection
     computed (`panels` None: no per-image sections); returns the page's path or URL."""
     import matplotlib
@@ -307,8 +309,13 @@ def write_report(run: Run, k: int, stability: Stability, panels: list[ImagePanel
     rows = rankings.sort_by("rank").slice(0, k).to_pylist()
     level = meta["config"]["ci_level"]
     page.add(f"<h2>Top {k} heads</h2>")
-    page.image("top-heads.png", intervals_figure(rows, level, score), f"top {k} heads with intervals")
+    interval = (f"deciding interval (adaptive scan, jointly {1 - meta['config']['delta']:.0%})" if run.adaptive
+                else None)
+    page.image("top-heads.png", intervals_figure(rows, level, score, interval), f"top {k} heads with intervals")
     columns = ["rank", "layer", "head", "score", "stderr", "ci_low", "ci_high", "n"] + (["round"] if "round" in rows[0] else [])
+    if run.adaptive:
+        columns += ["in_top_k", "decided_early", "decided_round"]
+        page.note(html.escape(adaptive_note(run)))
     page.add(html_table(rows, columns))
     others = [s for s in run.scores if s != score]
     if others:
@@ -322,7 +329,12 @@ def write_report(run: Run, k: int, stability: Stability, panels: list[ImagePanel
                                  for o in [score, *others]}} for r in rows]))
 
     page.add(f"<h2>Stability of the top {k}</h2>")
-    stability_section(page, run, stability)
+    if stability is None:
+        page.note("This run is an adaptive scan: heads outside the top K were measured on part of D, so there is "
+                  "no full (heads x images) matrix to resample. Its top-K set carries the adaptive scan's guarantee "
+                  "instead (above); an exhaustive scan of the same data gives these measures.")
+    else:
+        stability_section(page, run, stability)
 
     if panels:
         images_sections(page, panels, k)

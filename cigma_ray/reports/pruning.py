@@ -78,8 +78,13 @@ def heads_lines(run: Run, ks: list[int], scores: list[str]) -> list[str]:
     def named(heads):
         return " ".join(f"{l}.{h}" for l, h in heads)
     first = "the first K are the top K" if len(ks) > 1 else f"top {top}"
-    return ([f"by {score} ({first}): {named(run.top_heads(top, score))}" for score in scores]
-            + [f"lowest-scored first: {named(run.top_heads(top, lowest=True))}"])
+    lines = ([f"by {score} ({first}): {named(run.top_heads(top, score))}" for score in scores]
+             + [f"lowest-scored first: {named(run.top_heads(top, lowest=True))}"])
+    if run.adaptive:
+        k = run.resolve_k(None)
+        lines.append(f"(adaptive scan: its top {k} set is decided; heads beyond it, the lowest-scored among them, are "
+                     "ordered by their means over the images they were measured on, an approximate order)")
+    return lines
 
 
 def auto_k_text(result: AutoK, data: EvalSet, cfg: Config) -> str:

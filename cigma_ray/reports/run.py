@@ -68,7 +68,8 @@ def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -
     level = cfg["ci_level"]
     rows = [[r[order], r["layer"], r["head"], f"{r[value]:+.5f}", f"{r[prefix + 'stderr']:.5f}",
              f"[{r[prefix + 'ci_low']:+.5f}, {r[prefix + 'ci_high']:+.5f}]", r["n"]] for r in ranking]
-    headers, align = ["rank", "layer", "head", name, "stderr", f"{level:.0%} CI (bootstrap)", "n"], "rrrrrlr"
+    interval = (f"interval (joint, {1 - cfg['delta']:.0%})" if run.adaptive else f"{level:.0%} CI (bootstrap)")
+    headers, align = ["rank", "layer", "head", name, "stderr", interval, "n"], "rrrrrlr"
     labels = meta["model"].get("layer_labels")
     if labels:  # a vision-language model's heads are vision.L.H or text.L.H
         headers, align = ["name"] + headers, "l" + align
@@ -84,22 +85,62 @@ def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -
                      "and the rest scanned again on the pruned model; a row's score is from its round)")
         headers, align = headers + ["round"], align + "r"
         rows = [row + [r["round"]] for row, r in zip(rows, ranking)]
+    if run.adaptive:
+        headers, align = headers + ["decided"], align + "l"
+        rows = [row + [decided_text(r, run)] for row, r in zip(rows, ranking)]
     lines.append(format_table(headers, rows, align))
-    if not cfg.get("measure_fig", False) and rounds == 1:
+    if run.adaptive:
+        lines.append(adaptive_note(run))
+    elif not cfg.get("measure_fig", False) and rounds == 1:
         lines.append("(this scan did not measure FIG^(-h), so only big_drop is available; config measure_fig: true "
                      "adds bir_drop and big_minus_fig)")
     return "\n".join(lines)
 
 
+def decided_text(row: dict, run: Run) -> str:
+    """How an adaptive run decided a head: in or out of the top K, and after how many images of D."""
+    where = "in top K" if row["in_top_k"] else "out"
+    return f"{where} after {row['n']} images" if row["decided_early"] else f"{where} on all of D"
+
+
+def adaptive_note(run: Run) -> str:
+    """What an adaptive ranking promises, and what it cost."""
+    cfg = run.meta["config"]
+    k = run.resolve_k(None)
+    spent = ""
+    if run.dir.exists("adaptive.json"):
+        a = run.dir.read_json("adaptive.json")
+        spent = (f"; it measured {a['pairs']:,} of the exhaustive scan's {a['exhaustive_pairs']:,} (head, image) "
+                 f"pairs ({a['exhaustive_pairs'] / max(1, a['pairs']):.2f}x fewer) in {a['rounds']} rounds")
+    return (f"(adaptive scan, delta {cfg['delta']}: with probability at least {1 - cfg['delta']:.2f} its top {k} set is "
+            f"the exhaustive scan's on the same D and masks{spent}. Intervals are the confidence sequence's, valid for "
+            f"all heads and rounds together, that decided each head. Heads below the top {k} are ordered by their means "
+            "over the images they were measured on: the tail's order is approximate.)")
+
+
 def status_text(run: RunDir, status: dict) -> str:
     """`cigma-ray status`: the summary, each stage's units done and missing, and failed units."""
     lines = [run_summary(run), ""]
+    rounds = [(name, counts) for name, counts in status["stages"].items() if name.startswith("adaptive round")]
     for stage, (done, total) in status["stages"].items():
-        lines.append(f"{stage:<8} {done}/{total} units{'' if done == total else f'  ({total - done} missing)'}")
+        if not stage.startswith("adaptive round"):
+            lines.append(f"{stage:<8} {done}/{total} units{'' if done == total else f'  ({total - done} missing)'}")
+    if rounds:  # one line for the complete rounds, one for the round in progress
+        complete = [c for _, c in rounds if c[0] == c[1]]
+        if complete:
+            lines.append(f"adaptive rounds 0-{len(complete) - 1}: {sum(c[1] for c in complete)} units, all done")
+        for name, (done, total) in rounds[len(complete):]:
+            lines.append(f"{name}: {done}/{total} units  ({total - done} missing)")
     if status["meta"]["config"].get("rounds", 1) > len([s for s in status["stages"] if s.startswith("scan")]) > 0:
         lines.append("later scan rounds: planned once the round before them is ranked")
     if "mask" not in status["stages"]:
         lines.append("mask, scan: planned once predict is complete")
+    adaptive = status.get("adaptive")
+    if adaptive is not None:
+        lines.append(f"adaptive {adaptive['rounds']} rounds done{'' if adaptive['finished'] else ' so far'}: "
+                     f"{adaptive['pairs']:,} of {adaptive['exhaustive_pairs']:,} (head, image) pairs measured; "
+                     f"{adaptive['decided_in']} heads decided in, {adaptive['decided_out']} out"
+                     + ("" if adaptive["finished"] else "; later rounds are planned once the round before them is done"))
     lines.append(f"ranked   {'yes' if status['ranked'] else 'no'}")
     damaged = status.get("damaged", {})
     for file, why in damaged.items():

@@ -49,8 +49,9 @@ def check_compatible(run: RunDir, new: dict, out: str) -> None:
     if not run.exists("run.json"):
         return
     old = run.read_json("run.json")
-    diffs = [f"{k}: run has {old['config'].get(k)!r}, this command {new['config'][k]!r}"
-             for k in Config.RESULT_KEYS if old["config"].get(k) != new["config"][k]]
+    defaults = Config().to_dict()  # a key newer than the run: the run used its default
+    diffs = [f"{k}: run has {old['config'].get(k, defaults[k])!r}, this command {new['config'][k]!r}"
+             for k in Config.result_keys(new["config"]) if old["config"].get(k, defaults[k]) != new["config"][k]]
     for key in ("name", "model_kwargs", "num_classes", "input_size", "weights", "options"):
         if old["model"].get(key) != new["model"][key]:
             diffs.append(f"model {key}: run has {old['model'].get(key)!r}, this command {new['model'][key]!r}")

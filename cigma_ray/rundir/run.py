@@ -87,12 +87,17 @@ class Run:
     def rounds(self) -> int:
         return self.meta["config"].get("rounds", 1)
 
+    @property
+    def adaptive(self) -> bool:
+        """An adaptive scan: heads outside the top K were measured on part of D, by the run's score only."""
+        return bool(self.meta["config"].get("adaptive", False))
+
     # -- scores and K ---------------------------------------------------------------------------
     @property
     def scores(self) -> list[str]:
         """The scores the run can rank by: all three when its scan measured FIG^(-h), else the paper's; an
         iterative run only by the score its rounds removed heads by (other orders mix rounds)."""
-        if self.rounds > 1:
+        if self.rounds > 1 or self.adaptive:
             return [self.score]
         return list(SCORES) if self.meta["config"].get("measure_fig", False) else ["big_drop"]
 
@@ -104,7 +109,8 @@ class Run:
         chosen = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in chosen if x not in available]
         if bad or not chosen:
-            why = ("its scan did not measure FIG^(-h) (config measure_fig: false)" if len(available) == 1 and
+            why = ("its adaptive scan decided the top K by that score only" if self.adaptive else
+                   "its scan did not measure FIG^(-h) (config measure_fig: false)" if len(available) == 1 and
                    self.rounds == 1 else "that is what it has")
             raise ConfigError(f"--scores {text!r}: this run can rank by {', '.join(available)} ({why})")
         return list(dict.fromkeys(chosen))

@@ -90,7 +90,7 @@ def check_out(out: str, data: list[str] | tuple[str, ...] = (), data_label: str 
         if within(out, url):
             where = "is" if location(out)[1] == location(url)[1] else "is inside"
             fix = (f"choose an {out_label} outside {url}" if out_label.startswith("--") else
-                   f"evaluate on images that do not hold the run")
+                   "evaluate on images that do not hold the run")
             raise StorageError(f"{out_label} {out} {where} {data_label} {url}: the run's files (run.json, "
                                f"predictions/, masks/, deltas/, eval/) would be written among the images; {fix}")
 
