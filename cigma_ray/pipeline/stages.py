@@ -1,4 +1,4 @@
-"""The stages predict -> select -> mask (with gains) -> scan -> rank, and resume.
+"""The stages predict -> select -> mask (with gains) -> [means] -> scan -> rank, and resume.
 
 `Pipeline` validates everything a scan needs up front (data, model, config, the run directory's
 compatibility), then runs each stage's missing units on its executor: in this process by
@@ -14,14 +14,14 @@ import pyarrow as pa
 
 from ..config import Config, ConfigError, resolve_k
 from ..data import DataError, open_source
-from ..method import SCORES
+from ..method import available_scores
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
 from ..rundir import RunDir, build_manifest, check_compatible
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
-from .units import (Job, Unit, mask_units, missing_units, predict_units, round_file, scan_rounds, scan_units,
-                    select_images)
+from .units import (Job, Unit, donors_of, mask_units, means_units, missing_units, predict_units, round_file,
+                    scan_rounds, scan_units, select_images)
 from .worker import Worker, failure_table
 
 
@@ -70,7 +70,12 @@ class Pipeline:
         return select_images(correct, self.cfg.tp_ratio, self.cfg.seed)
 
     def mask_units(self, selected: list[int]) -> list[Unit]:
-        return mask_units(selected, self.cfg)
+        """The mask stage's units; with measure_swap each carries its images' donors (drawn from predictions)."""
+        donors = donors_of(self.run, selected, self.cfg) if self.cfg.measure_swap else None
+        return mask_units(selected, self.cfg, donors)
+
+    def means_units(self, selected: list[int]) -> list[Unit]:
+        return means_units(selected, self.cfg)
 
     def scan_units(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> list[Unit]:
         return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed)
@@ -123,6 +128,8 @@ class Pipeline:
             self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
             selected = self.selected()
             self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids), "img")
+            if self.cfg.ablation == "mean":  # the heads' means over D, on the intact model, before any ablation
+                self.run_stage("means", self.means_units(selected), lambda u: len(u.image_ids), "img")
             rounds = []
             for r, removed, units in scan_rounds(self.run, self.cfg, selected, self.adapter.heads_per_layer):
                 self.run_stage("scan" if self.cfg.rounds == 1 else f"scan r{r}", units,
@@ -143,7 +150,7 @@ class Pipeline:
         if missing:
             raise RuntimeError(f"cannot rank: {len(missing)} scan units are missing, e.g. {missing[0].file}")
         heads = [h for h in self.adapter.heads if h not in set(removed)]
-        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        names = available_scores(self.cfg.measure_fig, self.cfg.measure_swap)
         table = rank_heads(score_matrices(self.run, units, heads, sorted(selected), names), heads, self.cfg)
         if self.cfg.rounds > 1:
             self.run.write_table(round_file(round), table)
@@ -163,6 +170,8 @@ def run_status(run: RunDir) -> dict:
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
         stages_units = [("mask", mask_units(selected, cfg))]
+        if cfg.ablation == "mean":
+            stages_units.append(("means", means_units(selected, cfg)))
         stages_units += [("scan" if r == 0 else f"scan round {r}", units)
                          for r, _, units in scan_rounds(run, cfg, selected, plan["heads_per_layer"])]
         for name, units in stages_units:

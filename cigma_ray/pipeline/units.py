@@ -13,6 +13,8 @@ from typing import Iterable
 import numpy as np
 
 from ..config import Config, from_dict
+from ..data import DataError
+from ..method import choose_donors
 from ..models import ModelSpec
 from ..rundir import RunDir, scanned_model_spec
 
@@ -48,10 +50,11 @@ class Unit:
     heads: tuple[tuple[int, int], ...] = ()  # a scan unit's heads
     round: int = 0  # iterative mode: the scan round
     removed: tuple[tuple[int, int], ...] = ()  # heads removed by earlier rounds, ablated throughout
+    donors: tuple[int, ...] = ()  # a mask unit with measure_swap: each image's donor (an image id of D)
 
     @property
     def file(self) -> str:
-        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas"}[self.stage]
+        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas", "means": "means"}[self.stage]
         if self.round:
             folder += f"/round-{self.round:02d}"
         name = f"part-{self.shard:05d}"
@@ -91,9 +94,30 @@ def predict_units(n_images: int, cfg: Config) -> list[Unit]:
     return [Unit("predict", k, s) for k, s in enumerate(shards(list(range(n_images)), cfg.unit_images))]
 
 
-def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
-    """One unit per mask batch: masks optimised together must always be the same images."""
-    return [Unit("mask", k, s) for k, s in enumerate(shards(selected, cfg.mask_batch))]
+def mask_units(selected: list[int], cfg: Config, donors: dict[int, int] | None = None) -> list[Unit]:
+    """One unit per mask batch: masks optimised together must always be the same images. With `donors`
+    (measure_swap), each unit carries its images' donors, whatever shard those live in."""
+    return [Unit("mask", k, s, donors=tuple(donors[i] for i in s) if donors else ())
+            for k, s in enumerate(shards(selected, cfg.mask_batch))]
+
+
+def donors_of(run: RunDir, selected: list[int], cfg: Config) -> dict[int, int]:
+    """Each image of D's donor for the background swap: an image of D with another predicted class, drawn
+    seeded (`method.choose_donors` over D in image-id order), so every process agrees on it."""
+    preds = run.read_folder("predictions", columns=["image_id", "pred"])
+    pred_of = dict(zip(preds["image_id"].to_pylist(), preds["pred"].to_pylist()))
+    ids = sorted(selected)
+    donors = choose_donors([pred_of[i] for i in ids], cfg.seed)[:, 0]
+    if len(ids) and (donors < 0).any():
+        raise DataError(f"measure_swap: every image of D is predicted as the same class ({pred_of[ids[0]]}), so no "
+                        "image has a donor of another class for the background swap; scan data of several classes, "
+                        "or set measure_swap: false (no swap_drop, no counterfactual conflict accuracy on D)")
+    return {i: ids[d] for i, d in zip(ids, donors)}
+
+
+def means_units(selected: list[int], cfg: Config) -> list[Unit]:
+    """ablation: mean: image shards of D whose heads' output sums (over images and tokens) make the means."""
+    return [Unit("means", k, s) for k, s in enumerate(shards(selected, cfg.unit_images))]
 
 
 def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int], round: int = 0,
