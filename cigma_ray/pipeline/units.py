@@ -12,8 +12,9 @@ from typing import Iterable
 
 import numpy as np
 
+import logging
+
 from ..config import Config, from_dict
-from ..data import DataError
 from ..method import choose_donors
 from ..models import ModelSpec
 from ..rundir import RunDir, scanned_model_spec
@@ -73,6 +74,10 @@ class Unit:
         return f"failures/unit-{self.file.replace('/', '-')}"
 
 
+log = logging.getLogger(__name__)
+NO_DONOR = -1  # masks/ donor of an image with no image of another predicted class in D: it is its own donor
+
+
 def shards(ids: list[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(ids[i: i + size]) for i in range(0, len(ids), size)]
 
@@ -109,10 +114,11 @@ def donors_of(run: RunDir, selected: list[int], cfg: Config) -> dict[int, int]:
     ids = sorted(selected)
     donors = choose_donors([pred_of[i] for i in ids], cfg.seed)[:, 0]
     if len(ids) and (donors < 0).any():
-        raise DataError(f"measure_swap: every image of D is predicted as the same class ({pred_of[ids[0]]}), so no "
-                        "image has a donor of another class for the background swap; scan data of several classes, "
-                        "or set measure_swap: false (no swap_drop, no counterfactual conflict accuracy on D)")
-    return {i: ids[d] for i, d in zip(ids, donors)}
+        log.warning("measure_swap: every image of D is predicted as class %s, so no image has a donor of another "
+                    "class for the background swap; its donor is itself (recorded as -1), SWAP is 0 and swap_drop "
+                    "is 0 for every head. Scan data the model tells apart in several classes for a swap score.",
+                    pred_of[ids[0]])
+    return {i: ids[d] if d >= 0 else NO_DONOR for i, d in zip(ids, donors)}
 
 
 def means_units(selected: list[int], cfg: Config) -> list[Unit]:

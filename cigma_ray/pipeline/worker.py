@@ -14,7 +14,7 @@ from ..data import ImageSource, open_source
 from ..engine import Replica
 from ..models import LoadedModel, load
 from ..rundir import RunDir, decode_fg, install_means, means_table
-from .units import Job, Unit
+from .units import NO_DONOR, Job, Unit
 
 
 class Worker:
@@ -29,15 +29,16 @@ class Worker:
         self.replica = Replica(self.loaded, job.device, job.precision, self.cfg.batch_size)
         self.means_installed = False
 
-    def _donor_images(self, unit: Unit, donors: list[int]) -> torch.Tensor:
-        """The donor images of a unit's images, read by id wherever they are (any shard of D)."""
-        wanted = sorted(set(donors))
-        images, ok, failed = self.source.load([self.source.records[i] for i in wanted], self.loaded.transform)
+    def _donor_images(self, unit: Unit, donors: list[int], images: torch.Tensor) -> torch.Tensor:
+        """The donor images of a unit's `images`, read by id wherever they are (any shard of D); an image with
+        no donor (NO_DONOR: D holds one predicted class) is its own."""
+        wanted = sorted(set(donors) - {NO_DONOR})
+        loaded, ok, failed = self.source.load([self.source.records[i] for i in wanted], self.loaded.transform)
         if failed:
             raise RuntimeError(f"{unit.file}: donor image {failed[0][0].path} of the background swap cannot be read "
                                f"now ({failed[0][1]}); restore it and run the same command again")
         position = {r.image_id: i for i, r in enumerate(ok)}
-        return images[[position[d] for d in donors]]
+        return torch.stack([images[j] if d == NO_DONOR else loaded[position[d]] for j, d in enumerate(donors)])
 
     def _install_means(self) -> None:
         """ablation: mean: the run's means become the ablated heads' substitutes (once, before the first scan unit)."""
@@ -93,7 +94,7 @@ class Worker:
         if self.cfg.measure_swap:  # the background swap: each image's foreground on its donor's image
             donor_of = dict(zip(unit.image_ids, unit.donors))
             donors = [donor_of[r.image_id] for r in ok]
-            swap = self.replica.swap_gains(images, result.fg, self._donor_images(unit, donors), self.cfg.tau)
+            swap = self.replica.swap_gains(images, result.fg, self._donor_images(unit, donors, images), self.cfg.tau)
             columns["donor"] = pa.array(donors, pa.int64())
             columns["swap"] = pa.array(swap.numpy(), pa.float64())
         progress(len(unit.image_ids))
@@ -126,7 +127,8 @@ class Worker:
             return empty_deltas_table(self.cfg.measure_fig, self.cfg.measure_swap)
         fg = decode_fg(masks["fg"], self.cfg.mask_size)
         heads = list(unit.heads)
-        donor_images = (self._donor_images(unit, masks["donor"].to_pylist()) if self.cfg.measure_swap else None)
+        donor_images = (self._donor_images(unit, masks["donor"].to_pylist(), images) if self.cfg.measure_swap
+                        else None)
         ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress, removed=unit.removed,
                                     measure_fig=self.cfg.measure_fig, donor_images=donor_images)
         fig, big = masks["fig"].to_numpy(), masks["big"].to_numpy()
