@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--k", type=int, help="remove the run's top K heads (default: the run's top_k)")
     which.add_argument("--heads", metavar="L.H,...", help="remove these heads instead, e.g. 3.1,5.0")
-    p.add_argument("--score", help="with --k: rank by this score of the run (big_drop, bir_drop, big_minus_fig; "
-                   "default: the run's score key)")
+    p.add_argument("--score", help="with --k: rank by this score of the run (big_drop, bir_drop, big_minus_fig, "
+                   "swap_drop; default: the run's score key)")
     p.add_argument("--smaller", metavar="FILE", help="also write the model with those heads physically removed")
     p.add_argument("--checkpoint", metavar="FILE", help="the weights the run scanned, if the file has moved since "
                    "(checked against the run's sha256)")
