@@ -144,3 +144,21 @@ def test_auto_k_for_conflict_accuracy_through_the_cli(run):
         assert "It buys counterfactual conflict accuracy" in choice["reason"] and "It costs" in choice["reason"]
     bad = cli("prune", run, "--objective", "bir", check=False)
     assert bad.returncode == 2 and "go with --auto-k" in bad.stderr
+
+
+def test_show_sweep_and_report_carry_swap_drop_and_the_trade_off(run):
+    if open_run(run).ablation != "mean":
+        pytest.skip("once is enough: the mean-ablation run")
+    shown = cli("show", run).stdout
+    assert "swap_drop (rank)" in shown and "mean SWAP" in shown and "ablation  mean" in shown
+    assert "top 2 heads by swap_drop" in cli("show", run, "--score", "swap_drop").stdout
+    swept = cli("sweep", run, "--k", "0,1,2", "--random-seeds", "2", "--quiet").stdout
+    assert "top 2 by swap_drop" in swept and "conflict acc. (swap)" in swept
+    rows = pq.read_table(os.path.join(run, "eval", "sweep.parquet")).to_pylist()
+    for r in rows:
+        assert r["conflict_accuracy_low"] <= r["conflict_accuracy"] <= r["conflict_accuracy_high"]
+        assert r["n_swaps"] == r["n_mask_images"] * SWAP_DONORS
+    cli("report", run, "--images", "1")
+    html = open(os.path.join(run, "report", "index.html"), encoding="utf-8").read()
+    assert "The trade-off: clean accuracy against counterfactual conflict accuracy" in html
+    assert "conflict accuracy (swap)" in html and "ablation mean" in html and "measure_swap True" in html
