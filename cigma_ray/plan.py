@@ -25,7 +25,8 @@ GPUS = {"h100": GPU(80, 989), "h200": GPU(141, 989), "a100-80": GPU(80, 312), "a
 
 def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_node: int = 8, nodes: int = 1,
               images: int = 10_000, accuracy: float = 1.0, tp_ratio: float = 0.4, mask_steps: int = 250,
-              heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True) -> dict:
+              heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True,
+              measure_swap: bool = False) -> dict:
     """Every number `cigma-ray plan` prints, as a dict (tests check them)."""
     params = count_params(config)
     card = GPUS[gpu]
@@ -36,7 +37,8 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     replicas = nodes * (gpus_per_node // gpus_per_replica)
     d = max(1, round(images * accuracy * tp_ratio))
     n_heads = heads_of(config, heads)
-    views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
+    # the image and its background-removed counterfactual, and the foreground-removed and background-swapped ones
+    views = 2 + int(measure_fig) + int(measure_swap)
     forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
     vision_tokens, text_tokens = tokens_per_forward(config, classes)
     flops = 2 * (params["vision"] * vision_tokens + (params["language"] + params["projector"]) * text_tokens)
@@ -69,6 +71,7 @@ class PlanSettings:
     classes: int = 10
     rate: float | None = None
     measure_fig: bool = True
+    measure_swap: bool = False
 
     def plan(self, config) -> dict:
         """make_plan for these settings on a model's config."""

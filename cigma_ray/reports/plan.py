@@ -21,7 +21,8 @@ def plan_text(name: str, p: dict, args: PlanSettings) -> str:
         f"images     {args.images} predicted; D = {p['images_in_d']} (accuracy {args.accuracy:g} x tp_ratio {args.tp_ratio:g})",
         f"heads      {p['heads']} scanned ({args.heads}); the language model runs in full for every ablated forward",
         f"forwards   predict {f['predict']:,} + mask {f['mask']:,} (D x (3 x {args.mask_steps} steps + 3)) + "
-        f"scan {f['scan']:,} (heads x D x {p['views']}{', measure_fig' if p['views'] == 3 else ''}) = {total:,}",
+        f"scan {f['scan']:,} (heads x D x {p['views']}"
+        f"{''.join(', ' + k for k in ('measure_fig', 'measure_swap') if getattr(args, k, False))}) = {total:,}",
         f"rate       {p['rate']:.1f} forwards/s per replica ({p['rate'] / p['views']:.1f} head x image pairs/s) "
         + ("(measured, --rate)" if p["rate_measured"] else
            f"(estimate: {p['flops_per_forward'] / 1e12:.2f} TFLOP per forward at {UTILISATION:.0%} of the "
