@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
-from .method.scores import SCORES
+from .method.scores import FIG_SCORES, SCORES, SWAP_SCORES
+
+ABLATIONS = ("zero", "mean")  # what an ablated head's output becomes: zero (the paper's), or its mean over D
+OBJECTIVES = ("conflict", "bir")  # what prune --auto-k optimises (see evaluation/autok.py)
 
 
 class ConfigError(ValueError):
@@ -38,9 +41,12 @@ class Config:
     bootstrap: int = 1000
     ci_level: float = 0.95
     measure_fig: bool = True  # the scan also measures FIG^(-h) (1.5x the forwards): needed by bir_drop, big_minus_fig
+    measure_swap: bool = True  # ... and SWAP^(-h) on the background-swapped image (one more view): needed by swap_drop
+    ablation: str = "zero"  # an ablated head's output before the output projection: zero, or its mean over D
     score: str = "big_drop"  # which score ranks the heads (rankings hold every score the scan can give)
     top_k: int | float = 16  # a count, or a fraction of all heads in (0, 1)
     max_clean_drop: float = 0.02  # prune --auto-k: the most clean accuracy a pruning may cost
+    objective: str = "conflict"  # prune --auto-k: raise counterfactual conflict accuracy, or lower BIR
     rounds: int = 1  # iterative mode: scan, remove the top k_per_round heads, scan the rest again, ...
     k_per_round: int = 1
     # adaptive scan (`scan --adaptive`): the exhaustive top K with probability >= 1 - delta, for fewer forwards
@@ -78,6 +84,8 @@ class Config:
             "bootstrap": self.bootstrap >= 0,
             "ci_level": 0 < self.ci_level < 1,
             "score": self.score in SCORES,
+            "ablation": self.ablation in ABLATIONS,
+            "objective": self.objective in OBJECTIVES,
             "top_k": (self.top_k >= 1) if isinstance(self.top_k, int) else 0 < self.top_k < 1,
             "max_clean_drop": 0 <= self.max_clean_drop <= 1,
             "rounds": self.rounds >= 1,
@@ -92,12 +100,18 @@ class Config:
             "max_attempts": self.max_attempts >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
-        if not bad and self.score != "big_drop" and not self.measure_fig:
+        if not bad and self.score in FIG_SCORES and not self.measure_fig:
             raise ConfigError(f"score={self.score!r} needs FIG^(-h) from the scan, but measure_fig is false; "
                               "set measure_fig: true, or score: big_drop")
         if not bad and self.adaptive and self.rounds > 1:
             raise ConfigError(f"adaptive: true with rounds={self.rounds}: the adaptive scan is a single scan of the "
                               "intact model; use one or the other")
+        if not bad and self.score in SWAP_SCORES and not self.measure_swap:
+            raise ConfigError(f"score={self.score!r} needs SWAP^(-h) from the scan, but measure_swap is false; "
+                              "set measure_swap: true, or score: big_drop")
+        if not bad and self.adaptive and self.adaptive_order == "screen" and self.score in SWAP_SCORES:
+            raise ConfigError(f"adaptive_order: screen with score={self.score!r}: the gradient pre-screen estimates "
+                              "big_drop and the FIG scores, not the background swap; use adaptive_order: none")
         if bad:
             raise ConfigError(f"config value out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                               f"({'; '.join(RANGES[k] for k in bad)})")
@@ -105,8 +119,8 @@ class Config:
     # Keys that change results; a run directory refuses to mix runs that differ in these.
     RESULT_KEYS = ("tp_ratio", "seed", "mask_size", "mask_lr", "mask_steps", "l_js", "l_1", "l_tv",
                    "keep_ratio", "tau", "mask_batch", "mask_micro_batch", "mask_tol", "mask_window", "bootstrap",
-                   "ci_level", "measure_fig", "score", "rounds", "k_per_round", "adaptive", "delta", "adaptive_first",
-                   "adaptive_growth", "adaptive_order")
+                   "ci_level", "measure_fig", "measure_swap", "ablation", "score", "rounds", "k_per_round", "adaptive",
+                   "delta", "adaptive_first", "adaptive_growth", "adaptive_order")
 
     @staticmethod
     def result_keys(config: dict[str, Any]) -> tuple[str, ...]:
@@ -160,8 +174,13 @@ RANGES = {
     "bootstrap": "resamples, an integer >= 0",
     "ci_level": "in (0, 1)",
     "score": "one of big_drop (the paper's: mean drop in BIG), bir_drop (mean drop in BIR), big_minus_fig "
-             "(drop in BIG minus drop in FIG)",
+             "(drop in BIG minus drop in FIG), swap_drop (mean drop in SWAP, the prediction's shift when another "
+             "class's background is swapped in)",
     "measure_fig": "true or false",
+    "measure_swap": "true or false",
+    "ablation": "zero (an ablated head's output is zero, the paper's) or mean (its mean over the images of D and "
+                "their tokens, on the intact model)",
+    "objective": "conflict (prune --auto-k raises counterfactual conflict accuracy) or bir (lowers mean BIR)",
     "top_k": "a count of heads (an integer >= 1) or a fraction of all heads in (0, 1), e.g. 0.02",
     "max_clean_drop": "a fraction in [0, 1]",
     "rounds": "scan rounds, an integer >= 1 (1 = the paper's single scan)",

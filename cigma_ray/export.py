@@ -21,6 +21,7 @@ from .models.surgery import (
     attentions_of,
     heads_per_layer_of,
     kept_heads,
+    output_heads_state_dict,
     parameters,
     plain_timm_model,
     save_smaller,
@@ -89,6 +90,53 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def run_means(loaded) -> list | None:
+    """The substitutes of a mean-ablation run (installed by Run.load_model), or None for zero ablation."""
+    means = loaded.adapter.gates.means
+    return None if all(m is None for m in means) else means
+
+
+def export_hf(run: Run, out: str, removed: list[tuple[int, int]], how: str, rows: list[dict], smaller: str | None,
+              checkpoint: str | None) -> dict:
+    """A Hugging Face run's pruned model as a state dict of its plain transformers class: each removed head's
+    output-projection columns zeroed (W_O), and with mean ablation its mean folded into that projection's bias."""
+    from .models.hf.plain import load_into, plain_model
+
+    if smaller is not None:
+        raise ModelError("--smaller: only timm VisionTransformers can be made physically smaller; the state dict "
+                         "(--out without --smaller) works for this model")
+    spec = run.model_spec(checkpoint)
+    loaded = run.load_model("cpu", checkpoint)
+    plain, pairs, cls, prefix = plain_model(loaded, spec)
+    state = output_heads_state_dict(plain, pairs, removed, run_means(loaded))
+    x = torch.randn(CHECK_INPUTS, 3, *loaded.adapter.input_size, generator=torch.Generator().manual_seed(0))
+    replica = Replica(loaded)
+    reference = replica.logits(x, replica.keep_without(removed))
+    fresh = open_run(run.url).load_model("cpu", checkpoint)
+    fresh.adapter.gates.set_means(None)
+    load_into(fresh, state, prefix)
+    with torch.inference_mode():
+        logits = fresh.adapter.logits(x)
+    diff = max_diff(logits, reference)
+    if diff > 1e-4 * (1 + float(reference.abs().max())):
+        raise RuntimeError(f"the exported {cls} differs from the scan's ablation by {diff:.2e} in the logits; please "
+                           "report this with the run's run.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    load_code = save_state_dict(state, out)
+    path = spec.arch
+    info = {"model": cls, "model_dir": path, "file": out, "ablation": run.ablation, "parameters": parameters(plain),
+            "removed_heads": rows or [{"layer": l, "head": h} for l, h in removed], "selection": how,
+            "heads_per_layer": loaded.adapter.heads_per_layer, "layer_labels": loaded.adapter.layer_labels,
+            "source": {"run": run.url, "weights": run.meta["model"]["weights"], "cigma_ray": __version__},
+            "check": {"inputs": CHECK_INPUTS, "max_abs_logit_diff_vs_keep_mask": diff},
+            "load": f"import torch, transformers\nmodel = transformers.{cls}.from_pretrained({path!r})\n{load_code}\n"
+                    "model.eval()",
+            "smaller": None}
+    with open(out + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
 def export_run(url: str, out: str, k: int | None = None, heads: str | None = None, smaller: str | None = None,
                checkpoint: str | None = None, score: str | None = None) -> dict:
     """Write the pruned model of a run (and optionally its smaller form); returns the sidecar's content."""
@@ -96,12 +144,15 @@ def export_run(url: str, out: str, k: int | None = None, heads: str | None = Non
     meta = run.meta
     removed, how, rows = chosen_heads(run, k, heads, score)
     spec = run.model_spec(checkpoint)
+    if spec.family == "hf":
+        return export_hf(run, out, removed, how, rows, smaller, checkpoint)
     if spec.family != "timm":
-        raise ModelError(f"{run.url} scanned {spec.name}; export writes timm models only")
+        raise ModelError(f"{run.url} scanned {spec.name}; export writes timm and Hugging Face models only")
     loaded = run.load_model("cpu", checkpoint)
     arch, kwargs, num_classes = spec.arch, timm_kwargs(spec), loaded.num_classes
+    means = run_means(loaded)
 
-    zeroed = zeroed_state_dict(attentions_of(loaded), loaded.adapter.model, removed)
+    zeroed = zeroed_state_dict(attentions_of(loaded), loaded.adapter.model, removed, means)
     model = plain_timm_model(arch, num_classes, kwargs, zeroed)
     x = torch.randn(CHECK_INPUTS, 3, *loaded.adapter.input_size, generator=torch.Generator().manual_seed(0))
     replica = Replica(loaded)
@@ -127,7 +178,7 @@ def export_run(url: str, out: str, k: int | None = None, heads: str | None = Non
     args = "".join(f", {key}={value!r}" for key, value in kwargs.items())
     info = {
         "model": arch, "create_model_kwargs": kwargs, "num_classes": num_classes, "file": out,
-        "parameters": parameters(model),
+        "ablation": run.ablation, "parameters": parameters(model),
         "removed_heads": rows or [{"layer": l, "head": h} for l, h in removed], "selection": how,
         "heads_per_layer": loaded.adapter.heads_per_layer,
         "source": {"run": run.url, "weights": meta["model"]["weights"], "cigma_ray": __version__},

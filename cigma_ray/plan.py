@@ -28,7 +28,7 @@ GPUS = {"h100": GPU(80, 989), "h200": GPU(141, 989), "a100-80": GPU(80, 312), "a
 def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_node: int = 8, nodes: int = 1,
               images: int = 10_000, accuracy: float = 1.0, tp_ratio: float = 0.4, mask_steps: int = 250,
               heads: str = "vision", classes: int = 10, rate: float | None = None, measure_fig: bool = True,
-              mask_batch: int = 64, mask_micro_batch: int = 0, batch_size: int = 64,
+              mask_batch: int = 64, mask_micro_batch: int = 0, batch_size: int = 64, measure_swap: bool = False,
               adaptive: bool = False, adaptive_order: str = "none", adaptive_saving: float | None = None) -> dict:
     """Every number `cigma-ray plan` prints, as a dict (tests check them). With `adaptive`, the scan's forwards
     are the exhaustive count divided by the expected saving (`method.adaptive.expected_saving` at this D, or
@@ -44,7 +44,8 @@ def make_plan(config, *, precision: str = "bf16", gpu: str = "h100", gpus_per_no
     n_heads = heads_of(config, heads)
     v = config.vision_config
     unread = 0 if config.model_type == "clip" else v.num_hidden_layers - read_vision_layers(config, v.num_hidden_layers)
-    views = 3 if measure_fig else 2  # the image and its background-removed counterfactual, and foreground-removed
+    # the image and its background-removed counterfactual, and the foreground-removed and background-swapped ones
+    views = 2 + int(measure_fig) + int(measure_swap)
     forwards = {"predict": images, "mask": d * (3 * mask_steps + 3), "scan": n_heads * d * views}
     exhaustive = forwards["scan"]
     saving = None
@@ -128,6 +129,7 @@ class PlanSettings:
     mask_batch: int = 64
     mask_micro_batch: int = 0
     batch_size: int = 64
+    measure_swap: bool = False
     adaptive: bool = False
     adaptive_order: str = "none"
     adaptive_saving: float | None = None

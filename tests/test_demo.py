@@ -20,7 +20,9 @@ def test_demo_runs_the_whole_method_and_reports(tmp_path):
     assert "choosing a score and K automatically" in proc.stdout and "chosen: " in proc.stdout
     rows = pq.read_table(out / "eval" / "sweep.parquet").to_pylist()
     assert {r["set"] for r in rows} == {"aligned", "conflicting"}
-    assert {r["control"] for r in rows} == {"intact", "big_drop", "bir_drop", "big_minus_fig", "random", "lowest"}
+    assert {r["control"] for r in rows} == {"intact", "big_drop", "bir_drop", "big_minus_fig", "swap_drop", "random",
+                                            "lowest"}
+    assert all(0 <= r["conflict_accuracy"] <= 1 for r in rows)
     intact = {r["set"]: r for r in rows if r["control"] == "intact"}
     # the planted shortcut is there: the intact model is much better when the background agrees
     assert intact["aligned"]["accuracy"] > intact["conflicting"]["accuracy"] + 0.2

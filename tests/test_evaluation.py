@@ -113,15 +113,15 @@ def test_prune_and_sweep_through_the_cli(tiny_run, other_folder, capsys):
     out = tiny_run.run.url
     assert main(["prune", out, "--k", "2", "--random-seeds", "3", "--quiet"]) == 0
     text = capsys.readouterr().out
-    for line in ("top 2 by big_drop", "top 2 by bir_drop", "top 2 by big_minus_fig", "2 random (mean of 3)",
-                 "2 lowest-scored", "in-sample", "bootstrap interval"):
+    for line in ("top 2 by big_drop", "top 2 by bir_drop", "top 2 by big_minus_fig", "top 2 by swap_drop",
+                 "2 random (mean of 3)", "2 lowest-scored", "in-sample", "bootstrap interval", "conflict acc. (swap)"):
         assert line in text
     rows = pq.read_table(os.path.join(out, "eval", "prune-k2.parquet")).to_pylist()
-    assert [r["control"] for r in rows] == ["intact", "big_drop", "bir_drop", "big_minus_fig", "random", "random",
-                                            "random", "lowest"]
+    assert [r["control"] for r in rows] == ["intact", "big_drop", "bir_drop", "big_minus_fig", "swap_drop", "random",
+                                            "random", "random", "lowest"]
     assert [r["seed"] for r in rows if r["control"] == "random"] == [0, 1, 2]
     ranking = tiny_run.run.rankings()
-    for i, score in enumerate(("big_drop", "bir_drop", "big_minus_fig"), start=1):
+    for i, score in enumerate(("big_drop", "bir_drop", "big_minus_fig", "swap_drop"), start=1):
         top = ranking.sort_by(f"{score}_rank").slice(0, 2).to_pylist()
         assert rows[i]["heads"] == " ".join(f"{r['layer']}.{r['head']}" for r in top)
     for r in rows:
@@ -198,7 +198,7 @@ def test_default_k_grid():
 
 
 def test_auto_k_chooses_within_the_guard_on_held_out_images(scored_run):
-    proc = cli("prune", scored_run, "--auto-k", "--max-clean-drop", "0.0", "--mask-images", "4",
+    proc = cli("prune", scored_run, "--auto-k", "--objective", "bir", "--max-clean-drop", "0.0", "--mask-images", "4",
                  "--random-seeds", "2", "--quiet")
     out = proc.stdout
     assert "held-out images:" in out and "guard: clean accuracy may drop by at most 0" in out

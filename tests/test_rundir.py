@@ -50,7 +50,7 @@ def test_storage_writes_whole_files_and_returns_their_checksum(tmp_path):
 def test_a_finished_run_opens_with_its_rankings_k_and_masks(scored_run):
     run = open_run(scored_run)
     assert run.n_heads == 9 and run.heads == [(layer, h) for layer in range(3) for h in range(3)]
-    assert run.score == "bir_drop" and run.scores == ["big_drop", "bir_drop", "big_minus_fig"]
+    assert run.score == "bir_drop" and run.scores == ["big_drop", "bir_drop", "big_minus_fig", "swap_drop"]
     assert run.resolve_k(None) == 2 and run.resolve_k(5) == 5
     with pytest.raises(ConfigError, match="--k=10: the model has 9 heads"):
         run.resolve_k(10)

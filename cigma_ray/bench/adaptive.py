@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ConfigError
-from ..method import SCORES
+from ..method import available_scores
 from ..method.adaptive import population, replay, replay_resampled
 from ..pipeline.adaptive import LEAD_ROUNDS, lead_heads
 from ..pipeline.ranking import score_matrices
@@ -47,7 +47,7 @@ def exhaustive_matrices(run: Run) -> tuple[dict[str, np.ndarray], list[int]]:
         raise ConfigError(f"{run.url} is an iterative run (rounds={run.rounds}); replay a single-round scan")
     run.require_rankings("replay")
     ids = run.masks(["image_id"])["image_id"].to_pylist()
-    names = list(SCORES) if cfg.measure_fig else ["big_drop"]
+    names = available_scores(cfg.measure_fig, cfg.measure_swap)
     units = scan_units(ids, cfg, run.heads_per_layer)
     return score_matrices(run.dir, units, run.heads, ids, names), ids
 

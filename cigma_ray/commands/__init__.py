@@ -34,7 +34,9 @@ COMMANDS: dict[str, Command] = {
                       "a smaller model without them",
                       "Remove the top K heads of a run's ranking (or the --heads named) from the model the run "
                       "scanned. --out gets a state dict of the same timm architecture with those heads' W_Q, W_K, W_V "
-                      "rows and W_O columns zeroed, and --out.json says how to load it with plain timm. --smaller also "
+                      "rows and W_O columns zeroed (with ablation: mean, each head's mean output folded into the "
+                      "output projection's bias; an hf: run's transformers model gets its heads' W_O columns zeroed "
+                      "the same way), and --out.json says how to load it with plain timm. --smaller also "
                       "writes a physically smaller model (timm VisionTransformers only), loaded with "
                       "cigma_ray.models.surgery.load_smaller."),
     "report": Command("report", "an HTML page with PNG plots of a run: scores, intervals, stability, per-image masks "

@@ -11,12 +11,13 @@ from .options import add_run_arg, check_checkpoint
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arg(p, "run directory with a rankings.parquet")
-    p.add_argument("--out", required=True, metavar="FILE", help="state dict to write (.pth, .pt, or .safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="state dict to write (.pth, .pt, or .safetensors): "
+                   "of the timm model, or of an hf: run's transformers model class")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--k", type=int, help="remove the run's top K heads (default: the run's top_k)")
     which.add_argument("--heads", metavar="L.H,...", help="remove these heads instead, e.g. 3.1,5.0")
-    p.add_argument("--score", help="with --k: rank by this score of the run (big_drop, bir_drop, big_minus_fig; "
-                   "default: the run's score key)")
+    p.add_argument("--score", help="with --k: rank by this score of the run (big_drop, bir_drop, big_minus_fig, "
+                   "swap_drop; default: the run's score key)")
     p.add_argument("--smaller", metavar="FILE", help="also write the model with those heads physically removed")
     p.add_argument("--checkpoint", metavar="FILE", help="the weights the run scanned, if the file has moved since "
                    "(checked against the run's sha256)")
@@ -50,7 +51,10 @@ def run(s: Settings) -> int:
     info = export_run(s.run, s.out, k=s.k, heads=s.heads, smaller=s.smaller, checkpoint=s.checkpoint, score=s.score)
     named = " ".join(f"{r['layer']}.{r['head']}" for r in info["removed_heads"])
     print(f"removed {len(info['removed_heads'])} heads ({info['selection']}): {named}")
-    print(f"wrote {info['file']} (timm {info['model']}, the heads' weights zeroed; {info['parameters']:,} parameters) "
+    kind = f"transformers {info['model']}" if "model_dir" in info else f"timm {info['model']}"
+    how = ("the heads' weights zeroed, their mean outputs folded into the output projections' biases"
+           if info.get("ablation") == "mean" else "the heads' weights zeroed")
+    print(f"wrote {info['file']} ({kind}, {how}; {info['parameters']:,} parameters) "
           f"and {info['file']}.json (how to load it)")
     print(f"  equals the scan's keep-mask ablation: max |logit difference| "
           f"{info['check']['max_abs_logit_diff_vs_keep_mask']:.1e} on {CHECK_INPUTS} random inputs")

@@ -20,6 +20,7 @@ from ..models import ModelError, ModelSpec
 HEADS = ("vision", "vision+text")
 SCORINGS = ("sequence", "first")
 MASK_IMAGES = 64  # default images per eval set whose masks are learned for BIR
+AUTO_K_MASK_IMAGES = 256  # prune --auto-k: held-out images masked for BIR and conflict accuracy (tighter intervals)
 RANDOM_SEEDS = 5
 
 
@@ -231,8 +232,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", action="append", metavar="PATH", help="ImageFolder directory or Parquet table "
                    "to evaluate on, as --data of scan; repeat for several (default: the scan's own data; with "
                    "--auto-k, once, default: the scan's correctly classified images outside D)")
-    p.add_argument("--mask-images", type=int, default=MASK_IMAGES, metavar="N", help="images per eval set whose masks "
-                   f"are learned for BIR (default {MASK_IMAGES}; the scan's own data uses the run's masks of D)")
+    p.add_argument("--mask-images", type=int, metavar="N", help="images per eval set whose masks are learned for BIR "
+                   f"and counterfactual conflict accuracy (default {MASK_IMAGES}, with --auto-k {AUTO_K_MASK_IMAGES}; "
+                   "the scan's own data uses the run's masks of D)")
     p.add_argument("--random-seeds", type=int, default=RANDOM_SEEDS, metavar="N", help="draws of K random heads "
                    f"(default {RANDOM_SEEDS})")
     p.add_argument("--scores", metavar="S1,S2", help="which of the run's scores rank the heads, comma-separated: "
@@ -256,8 +258,10 @@ class EvalOptions:
     quiet: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "EvalOptions":
-        if args.mask_images < 1 or args.random_seeds < 1:
+    def from_args(cls, args: argparse.Namespace, mask_images: int | None = None) -> "EvalOptions":
+        """The options as given; `mask_images` is the command's default for --mask-images (else MASK_IMAGES)."""
+        masked = args.mask_images if args.mask_images is not None else (mask_images or MASK_IMAGES)
+        if masked < 1 or args.random_seeds < 1:
             raise ConfigError("--mask-images and --random-seeds must be at least 1")
         check_device_name(args.device)
         check_checkpoint(args.checkpoint)
@@ -265,7 +269,7 @@ class EvalOptions:
 
         for url in args.eval_data or ():  # eval/ files among the images would make them a Parquet table
             check_out(args.run, [url], data_label="--eval-data", out_label="the run directory")
-        return cls(run=args.run, eval_data=tuple(args.eval_data or ()), mask_images=args.mask_images,
+        return cls(run=args.run, eval_data=tuple(args.eval_data or ()), mask_images=masked,
                    random_seeds=args.random_seeds, scores=args.scores, device=args.device,
                    checkpoint=args.checkpoint, quiet=args.quiet)
 

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--images", type=int, default=10_000, help="images in the data set (default 10000)")
     p.add_argument("--accuracy", type=float, default=1.0, help="expected share classified correctly (default 1.0)")
-    p.add_argument("--config", help="the scan's YAML config file: tp_ratio, mask_steps, measure_fig, mask_batch, "
-                   "mask_micro_batch and batch_size come from it")
+    p.add_argument("--config", help="the scan's YAML config file: tp_ratio, mask_steps, measure_fig, measure_swap, "
+                   "mask_batch, mask_micro_batch, batch_size and the adaptive keys come from it")
     p.add_argument("--tp-ratio", type=float, help="config key tp_ratio (default: the config's, 0.4)")
     p.add_argument("--mask-steps", type=int, help="config key mask_steps (default: the config's, 250)")
     p.add_argument("--heads", default="vision", choices=HEADS)
@@ -42,7 +42,8 @@ def settings(args: argparse.Namespace) -> PlanSettings:
                         nodes=args.nodes, images=args.images, accuracy=args.accuracy,
                         tp_ratio=cfg.tp_ratio if args.tp_ratio is None else args.tp_ratio,
                         mask_steps=cfg.mask_steps if args.mask_steps is None else args.mask_steps, heads=args.heads,
-                        classes=args.classes, rate=args.rate, measure_fig=cfg.measure_fig, mask_batch=cfg.mask_batch,
+                        classes=args.classes, rate=args.rate, measure_fig=cfg.measure_fig,
+                        measure_swap=cfg.measure_swap, mask_batch=cfg.mask_batch,
                         mask_micro_batch=cfg.mask_micro_batch, batch_size=cfg.batch_size,
                         adaptive=args.adaptive or cfg.adaptive, adaptive_order=cfg.adaptive_order,
                         adaptive_saving=args.saving)

@@ -10,8 +10,8 @@ from .options import add_run_arg, check_count
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arg(p)
     p.add_argument("--top", type=int, help="how many heads (default: the run's top_k)")
-    p.add_argument("--score", help="rank by this score instead of the run's: big_drop, bir_drop or big_minus_fig "
-                   "(the last two when the scan measured FIG^(-h))")
+    p.add_argument("--score", help="rank by this score instead of the run's: big_drop, bir_drop, big_minus_fig "
+                   "(when the scan measured FIG^(-h)) or swap_drop (when it measured SWAP^(-h))")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from ..config import Config
 from ..data import open_source
 from ..data.demo import ensure_demo_data
 from ..evaluation import auto_k, default_k_grid, eval_set, heldout_set, sweep
-from ..method import SCORES
 from ..models import ModelSpec
 from ..pipeline import Job, Pipeline
 from ..reports.pruning import auto_k_text, trade_off_table, write_sweep_figure
@@ -25,7 +24,7 @@ from ..rundir import open_run
 from .train import DEMO_MODEL_KWARGS, DEMO_MODEL_NAME
 
 ASSETS = Path(__file__).parents[1] / "assets"
-MASK_IMAGES = 64  # held-out images whose masks are learned for --auto-k's BIR (prune's default)
+MASK_IMAGES = 256  # held-out images masked for --auto-k's BIR and conflict accuracy (prune --auto-k's default)
 DEMO_CONFIG = Config(top_k=3, unit_images=32)
 EVAL_SPLITS = ("aligned", "conflicting")
 EVAL_MASK_IMAGES = 32  # images per test split whose masks are learned for BIR
@@ -56,16 +55,17 @@ def run_demo(out: str, progress: bool = True) -> dict:
                                "demo again")
         sets.append(data)
     seeds = [scanned.cfg.seed + i for i in range(RANDOM_SEEDS)]
-    rows = sweep(scanned, sets, list(SWEEP_KS), seeds, list(SCORES), progress)
+    rows = sweep(scanned, sets, list(SWEEP_KS), seeds, run.scores, progress)
     write_sweep_figure(run.dir, rows, scanned.cfg.ci_level)
     print(f"\ntrade-off: removing the top K heads by each score, and K random heads, on the test splits "
-          f"(BIR: mean over {EVAL_MASK_IMAGES} images per split; collapsed: accuracy at chance, FIG and BIG near zero):")
+          f"(swap acc: counterfactual conflict accuracy and BIR: over {EVAL_MASK_IMAGES} masked images per split; "
+          "collapsed: accuracy at chance, FIG and BIG near zero):")
     print(trade_off_table(rows, EVAL_SPLITS, RANDOM_SEEDS))
 
     print("\nchoosing a score and K automatically (prune --auto-k) on the scan split's images outside D:")
-    heldout = heldout_set(scanned, None, MASK_IMAGES, progress)
-    result = auto_k(scanned, heldout, default_k_grid(len(scanned.heads)), seeds, list(SCORES),
-                    scanned.cfg.max_clean_drop, progress)
+    heldout = heldout_set(scanned, None, MASK_IMAGES, progress, swaps=scanned.cfg.objective == "conflict")
+    result = auto_k(scanned, heldout, default_k_grid(len(scanned.heads)), seeds, run.scores,
+                    scanned.cfg.max_clean_drop, progress, scanned.cfg.objective)
     print(auto_k_text(result, heldout, scanned.cfg))
     choice = result.choice
     print(f"\nresults in {os.path.abspath(out)} (eval/sweep.png: the trade-off curves; `cigma-ray report "

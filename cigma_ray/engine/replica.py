@@ -9,8 +9,9 @@ from typing import Callable, TypeVar
 import torch
 
 from ..config import Config
-from ..method import bir, counterfactuals, foreground_cells, gains, optimise_masks, probs
+from ..method import bir, counterfactuals, foreground_cells, gains, js, optimise_masks, probs, swapped
 from ..models import LoadedModel
+from ..models.base import HeadSums
 from .checks import check_finite
 from .memory import micro_batches, replica_estimate, scan_batch
 from .scan import Ablated, batched, scan_heads
@@ -140,18 +141,47 @@ class Replica:
         q, q_no_fg, q_no_bg = (probs(self.logits(x, keep), tau) for x in (images, no_fg, no_bg))
         return gains(q, q_no_fg, q_no_bg)
 
+    def swap_gains(self, images: torch.Tensor, fg: torch.Tensor, donor_images: torch.Tensor, tau: float,
+                   keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """SWAP_i = JS(q(I_i), q(I_i,swap)) per image, I_swap = S_i * I_i + (1 - S_i) * I_donor (intact model when
+        `keep` is None)."""
+        q, q_swap = (probs(self.logits(x, keep), tau) for x in (images, swapped(images, fg, donor_images)))
+        return js(q, q_swap)
+
     def scan(self, images: torch.Tensor, fg: torch.Tensor, heads: list[tuple[int, int]], tau: float,
              on_pairs: Callable[[int], None] | None = None, removed: list[tuple[int, int]] = (),
-             measure_fig: bool = False) -> Ablated:
-        """BIG^(-h) (and FIG^(-h) with `measure_fig`) per (head, image), with the `removed` heads ablated throughout."""
+             measure_fig: bool = False, donor_images: torch.Tensor | None = None) -> Ablated:
+        """BIG^(-h) (and FIG^(-h) with `measure_fig`, SWAP^(-h) given each image's donor image) per (head, image),
+        with the `removed` heads ablated throughout."""
         no_bg, no_fg = counterfactuals(images, fg)
         x, x_no_bg = self.upload(images), self.upload(no_bg)
         x_no_fg = self.upload(no_fg) if measure_fig else None
+        x_swap = self.upload(swapped(images, fg, donor_images)) if donor_images is not None else None
         fixed = {layer: k[0] for layer, k in self.keep_without(list(removed)).items()}
         out, self.batch_size = halving_on_oom(
             lambda size: scan_heads(self.adapter, x, x_no_bg, heads, tau=tau, batch_size=size, autocast=self.autocast,
-                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg, model_name=self.name),
+                                    on_pairs=on_pairs, removed=fixed, images_no_fg=x_no_fg, images_swap=x_swap,
+                                    model_name=self.name),
             self.batch_size)
+        return out
+
+    @torch.inference_mode()
+    def head_output_sums(self, images: torch.Tensor) -> HeadSums:
+        """The float64 sums of every head's output over these images and their tokens, on the intact model
+        (mean ablation's substitutes are sums over D divided by counts), in batches of `batch_size`."""
+        def run(size: int) -> HeadSums:
+            total = None
+            for i in range(0, len(images), size):
+                with self.autocast():
+                    part = self.adapter.head_output_sums(self.upload(images[i: i + size]))
+                if total is None:
+                    total = part
+                else:
+                    for layer in range(len(total.sums)):
+                        total.sums[layer] += part.sums[layer]
+                        total.counts[layer] += part.counts[layer]
+            return total
+        out, self.batch_size = halving_on_oom(run, self.batch_size)
         return out
 
     def screen(self, images: torch.Tensor, fg: torch.Tensor, tau: float, measure_fig: bool = True) -> Screened:

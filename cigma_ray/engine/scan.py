@@ -19,10 +19,12 @@ from .checks import check_finite
 
 
 class Ablated(NamedTuple):
-    """Gains of the ablated model per (head, image): (heads, N) fp32 CPU tensors; fig is None when not measured."""
+    """Gains of the ablated model per (head, image): (heads, N) fp32 CPU tensors; fig and swap are None when
+    not measured."""
 
     big: torch.Tensor
     fig: torch.Tensor | None = None
+    swap: torch.Tensor | None = None
 
 
 def pair_chunks(n_heads: int, n_images: int, pairs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -47,18 +49,23 @@ def scan_heads(
     removed: dict[int, torch.Tensor] | None = None,
     images_no_fg: torch.Tensor | None = None,
     model_name: str = "the model",
+    images_swap: torch.Tensor | None = None,
 ) -> Ablated:
     """BIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-bg)) for every head in `heads` and image i, and
-    FIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-fg)) too when `images_no_fg` is given (1.5x the forwards).
+    FIG_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,-fg)) too when `images_no_fg` is given (1.5x the forwards),
+    and SWAP_i^(-h) = JS(q^(-h)(I_i), q^(-h)(I_i,swap)) when `images_swap` (the background-swapped
+    images) is given: one more view per pair.
 
-    Returns Ablated(big=BIG^(-h), fig=FIG^(-h) or None), each (len(heads), N). `batch_size`
-    counts images per forward pass (a pair costs two, or three with FIG); results do not depend
+    Returns Ablated(big=BIG^(-h), fig=FIG^(-h) or None, swap=SWAP^(-h) or None), each (len(heads), N).
+    `batch_size` counts images per forward pass (a pair costs one per view); results do not depend
     on it beyond float rounding. `removed` holds per-layer (heads,) keep vectors of heads pruned
     for good (iterative rounds): they stay ablated in every forward, and each scanned head is
     ablated on top of them.
     """
     n = images.shape[0]
-    views = [images, images_no_bg] + ([] if images_no_fg is None else [images_no_fg])
+    views = [images, images_no_bg] + [v for v in (images_no_fg, images_swap) if v is not None]
+    fig_view = 2 if images_no_fg is not None else None
+    swap_view = len(views) - 1 if images_swap is not None else None
     pairs_per_chunk = max(1, batch_size // len(views))
     x = torch.cat(views)
     base = {layer: k.to(x.device) for layer, k in (removed or {}).items()}
@@ -67,7 +74,8 @@ def scan_heads(
         return base[layer].expand(batch, -1) if layer in base else None
 
     out = torch.empty(len(heads), n, dtype=torch.float32)
-    out_fig = torch.empty(len(heads), n, dtype=torch.float32) if images_no_fg is not None else None
+    out_fig = torch.empty(len(heads), n, dtype=torch.float32) if fig_view is not None else None
+    out_swap = torch.empty(len(heads), n, dtype=torch.float32) if swap_view is not None else None
     by_layer: dict[int, list[int]] = defaultdict(list)
     for pos, (layer, _) in enumerate(heads):
         by_layer[layer].append(pos)
@@ -94,13 +102,15 @@ def scan_heads(
             q = probs(check_finite(logits.float(), model_name), tau).split(len(img))
             out[positions[head_pos], img] = js(q[0], q[1]).cpu()
             if out_fig is not None:
-                out_fig[positions[head_pos], img] = js(q[0], q[2]).cpu()
+                out_fig[positions[head_pos], img] = js(q[0], q[fig_view]).cpu()
+            if out_swap is not None:
+                out_swap[positions[head_pos], img] = js(q[0], q[swap_view]).cpu()
             if on_pairs is not None:
                 on_pairs(len(img))
         if tokens is not None and layer < last:
             with autocast():
                 tokens = batched(lambda t, layer=layer: adapter.block(layer, t, fixed(layer, len(t))), tokens, batch_size)
-    return Ablated(out, out_fig)
+    return Ablated(out, out_fig, out_swap)
 
 
 def suffix(adapter: HeadAdapter, layer: int, tokens: torch.Tensor, keep: torch.Tensor,

@@ -1,6 +1,10 @@
-"""Eval sets: images with labels, and foreground cells for BIR. The scan's own data (BIR on D with the
-run's masks), another data set of the same classes (masks learned on the intact model, cached in
-eval/), and held-out images for --auto-k (correctly classified, never seen by the scores)."""
+"""Eval sets: images with labels, and foreground cells for BIR and the background swap. The scan's own data
+(BIR on D with the run's masks), another data set of the same classes (masks learned on the intact model,
+cached in eval/), and held-out images for --auto-k (correctly classified, never seen by the scores).
+
+Counterfactual conflict accuracy swaps backgrounds among an eval set's masked images: each gets
+SWAP_DONORS donors of another label, drawn seeded (`method.choose_donors`), and each swapped image
+(its foreground over a donor) is judged against its own label."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..data import DataError, ImageSource, open_source
+from ..method import choose_donors
 from ..pipeline import select_images
 from ..progress import progress_bar
 from ..rundir import Run, Scanned, StorageError, decode_fg
@@ -31,10 +36,25 @@ class EvalSet:
     url: str = ""
     in_sample: bool = False  # the scan's own data: BIR on D, the very images the heads were ranked on
     skipped: list[str] = field(default_factory=list)  # unreadable images, "path: error"
+    mask_labels: np.ndarray | None = None  # labels of mask_images
+    donors: np.ndarray | None = None  # (mask images, SWAP_DONORS) positions in mask_images of another label; -1: none
 
     @property
     def chance(self) -> float:
         return 1 / len(np.unique(self.labels))
+
+    @property
+    def swappable(self) -> bool:
+        """Whether counterfactual conflict accuracy can be measured: every masked image has donors of another label."""
+        return self.donors is not None and len(self.donors) > 0 and bool((self.donors >= 0).all())
+
+    def with_donors(self, seed: int) -> "EvalSet":
+        """This set with SWAP_DONORS seeded donors of another label for each masked image."""
+        self.donors = choose_donors(self.mask_labels, seed, SWAP_DONORS)
+        return self
+
+
+SWAP_DONORS = 4  # donors per masked image for counterfactual conflict accuracy (each image counts once)
 
 
 def scan_eval_set(scanned: Scanned, name: str | None = None) -> EvalSet:
@@ -47,9 +67,10 @@ def scan_eval_set(scanned: Scanned, name: str | None = None) -> EvalSet:
     masks = scanned.run.masks(["image_id", "fg"])
     masks = masks.filter(pa.array([i in position for i in masks["image_id"].to_pylist()]))
     fg = decode_fg(masks["fg"], scanned.cfg.mask_size)
-    return EvalSet(name or set_name(source.url), images, np.array([r.label for r in ok]),
-                   images[[position[i] for i in masks["image_id"].to_pylist()]], fg, source.url, True,
-                   [f"{r.path}: {e}" for r, e in failed])
+    labels = np.array([r.label for r in ok])
+    in_d = [position[i] for i in masks["image_id"].to_pylist()]
+    return EvalSet(name or set_name(source.url), images, labels, images[in_d], fg, source.url, True,
+                   [f"{r.path}: {e}" for r, e in failed], labels[in_d]).with_donors(scanned.cfg.seed)
 
 
 def open_eval_source(run: Run, url: str) -> ImageSource:
@@ -105,8 +126,9 @@ def eval_set(scanned: Scanned, source: ImageSource, mask_images: int, name: str 
                             for g in groups])
         scanned.dir.write_table(cache, pa.table({"image_id": sample_ids,
                                                  "fg": list(fg.reshape(len(sample), -1).numpy())}))
-    return EvalSet(name, images, np.array([r.label for r in ok]), images[sample], fg, source.url, False,
-                   [f"{r.path}: {e}" for r, e in failed])
+    labels = np.array([r.label for r in ok])
+    return EvalSet(name, images, labels, images[sample], fg, source.url, False,
+                   [f"{r.path}: {e}" for r, e in failed], labels[sample]).with_donors(scanned.cfg.seed)
 
 
 def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Tensor | None:
@@ -126,10 +148,13 @@ def cached_masks(scanned: Scanned, cache: str, image_ids: list[int]) -> torch.Te
     return decode_fg(table["fg"], side)
 
 
-def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: bool = True) -> EvalSet:
+def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: bool = True,
+                swaps: bool = False) -> EvalSet:
     """Images the intact model classifies correctly and the scores never saw: of the scan's own data,
     those outside D (the run's predictions say which are correct); of another data set (`url`), those
-    it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost."""
+    it predicts correctly now. Accuracy on this set starts at 1, so its drop is the clean accuracy lost.
+    With `swaps` (counterfactual conflict accuracy), images of one class only are refused before any mask
+    is learned: their backgrounds cannot be swapped for another class's."""
     source = scanned.source if url is None else open_eval_source(scanned.run, url)
     d_ids = set(scanned.dir.read_folder("masks", ["image_id"])["image_id"].to_pylist())
     if source.fingerprint() == scanned.run.meta["data"]["fingerprint"]:
@@ -145,6 +170,10 @@ def heldout_set(scanned: Scanned, url: str | None, mask_images: int, progress: b
     if len(records) < 2:
         raise DataError(f"{source.url} has {len(records)} correctly classified image(s) outside D; --auto-k needs "
                         "held-out images: pass --eval-data with a data set of the same classes")
+    if swaps and len({r.label for r in records}) < 2:
+        raise DataError(f"--objective conflict: the {len(records)} held-out images of {source.url} (correctly classified, "
+                        "outside D) are all of one class, so their backgrounds cannot be swapped for another class's; "
+                        "use --objective bir, or --eval-data with a data set the model gets right in several classes")
     return eval_set(scanned, source, mask_images, f"{set_name(source.url)}-heldout", records, progress)
 
 

@@ -12,13 +12,23 @@ SCORES = {
     "big_drop": "BIG_i - BIG_i^(-h): the drop in background information gain (the paper's CIGMA score)",
     "bir_drop": "BIR_i - BIR_i^(-h): the drop in the background influence ratio BIG / (FIG + BIG)",
     "big_minus_fig": "(BIG_i - BIG_i^(-h)) - (FIG_i - FIG_i^(-h)): the drop in BIG beyond the drop in FIG",
+    "swap_drop": "SWAP_i - SWAP_i^(-h): the drop in how far another class's background moves the prediction",
 }
+FIG_SCORES = ("bir_drop", "big_minus_fig")  # need FIG^(-h) from the scan (config measure_fig)
+SWAP_SCORES = ("swap_drop",)  # need SWAP^(-h) from the scan (config measure_swap)
+
+
+def available_scores(measure_fig: bool, measure_swap: bool = False) -> list[str]:
+    """The scores a scan gives: big_drop always, the FIG scores with FIG^(-h), swap_drop with SWAP^(-h)."""
+    return [name for name in SCORES if (name not in FIG_SCORES or measure_fig) and (name not in SWAP_SCORES or measure_swap)]
 
 
 def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None = None,
-                fig_ablated: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                fig_ablated: np.ndarray | None = None, swap: np.ndarray | None = None,
+                swap_ablated: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Each score's per-(head, image) term, whose mean over images is the score; broadcasting
-    shapes, e.g. big (N,) against big_ablated (H, N). Without FIG^(-h), only big_drop.
+    shapes, e.g. big (N,) against big_ablated (H, N). Without FIG^(-h), no bir_drop nor big_minus_fig;
+    without SWAP^(-h), no swap_drop.
 
     bir_drop's term is 0 where the intact or the ablated BIR is undefined (FIG + BIG = 0: the
     prediction depends on neither region), so such a pair counts as no change.
@@ -30,6 +40,8 @@ def score_terms(big: np.ndarray, big_ablated: np.ndarray, fig: np.ndarray | None
         drop = bir(fig, big) - bir(fig_ablated, big_ablated)
         terms["bir_drop"] = np.where(np.isnan(drop), 0.0, drop)
         terms["big_minus_fig"] = (big - big_ablated) - (fig - fig_ablated)
+    if swap is not None and swap_ablated is not None:
+        terms["swap_drop"] = np.asarray(swap, np.float64) - np.asarray(swap_ablated, np.float64)
     return terms
 
 

@@ -3,6 +3,9 @@
 A head is ablated by a per-sample keep-mask on the heads' outputs just before the attention's
 output projection. That equals zeroing the head's columns of W_O (and, for attentions without a
 norm between heads and projection, its rows of W_Q, W_K, W_V), without ever copying weights.
+With substitutes installed (`HeadGates.set_means`, config `ablation: mean`), an ablated head's
+output becomes a fixed vector (its mean over the images of D) instead of zero: the same as zeroing
+its columns of W_O and adding W_O[:, head] @ mean to the projection's bias.
 """
 from __future__ import annotations
 
@@ -57,11 +60,15 @@ class HeadGates:
         self.heads_per_layer = [heads for _, heads, _ in found]
         self.head_dims = [dim for _, _, dim in found]
         self.active: list[torch.Tensor | None] = [None] * len(found)
+        self.means: list[torch.Tensor | None] = [None] * len(found)  # per layer (heads x head_dim,): substitutes
+        self.sums: HeadSums | None = None  # while `record` runs: the sums of the projections' inputs
         for layer, (proj, _, _) in enumerate(found):
             proj.register_forward_pre_hook(self._hook(layer))
 
     def _hook(self, layer: int):
         def apply(module: nn.Linear, args: tuple) -> tuple | None:
+            if self.sums is not None:
+                self.sums.add(layer, args[0])
             keep = self.active[layer]
             if keep is None:
                 return None
@@ -72,8 +79,40 @@ class HeadGates:
                 keep = keep.repeat_interleave(x.shape[0] // keep.shape[0], dim=0)
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (keep.shape[1],)
             # a model split over devices runs each layer on its own one: the mask goes where the activations are
-            return (x * keep.to(device=x.device, dtype=x.dtype, non_blocking=True).view(shape),) + args[1:]
+            keep = keep.to(device=x.device, dtype=x.dtype, non_blocking=True).view(shape)
+            mean = self.means[layer]
+            if mean is not None:  # ablated heads take their substitute: x * keep + (1 - keep) * mean
+                return (x * keep + (1 - keep) * mean.to(device=x.device, dtype=x.dtype),) + args[1:]
+            return (x * keep,) + args[1:]
         return apply
+
+    def set_means(self, means: list[torch.Tensor | None] | None) -> None:
+        """Substitutes for ablated heads, per layer a (heads x head_dim,) vector (the heads' outputs side
+        by side, as the projection reads them), or None for zero ablation; None clears them all."""
+        means = means if means is not None else [None] * len(self.projections)
+        if len(means) != len(self.projections):
+            raise ValueError(f"{len(means)} layers of means for {len(self.projections)} layers of heads")
+        out = []
+        for layer, (mean, proj) in enumerate(zip(means, self.projections)):
+            if mean is not None:
+                mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+                if mean.numel() != proj.in_features:
+                    raise ValueError(f"layer {layer}: a mean of {mean.numel()} values for a projection of "
+                                     f"{proj.in_features} inputs")
+                if proj.weight.device.type != "meta":
+                    mean = mean.to(proj.weight.device)
+            out.append(mean)
+        self.means = out
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator["HeadSums"]:
+        """Within the block, every forward adds its projections' inputs (all rows: images and tokens) to the
+        yielded sums, in float64 (what the mean of each head's output over images and tokens needs)."""
+        previous, self.sums = self.sums, HeadSums(self.projections)
+        try:
+            yield self.sums
+        finally:
+            self.sums = previous
 
     @contextlib.contextmanager
     def use(self, keep: dict[int, torch.Tensor]) -> Iterator[None]:
@@ -86,6 +125,23 @@ class HeadGates:
             yield
         finally:
             self.active = previous
+
+
+class HeadSums:
+    """Per layer, the float64 sum of the output projection's inputs over every row it saw, and the row count.
+    `paused` layers add nothing (a vision-language model's language model while it scores the answers)."""
+
+    def __init__(self, projections: list[nn.Linear]):
+        self.sums = [torch.zeros(p.in_features, dtype=torch.float64) for p in projections]
+        self.counts = [0] * len(projections)
+        self.paused: set[int] = set()
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        if layer in self.paused:
+            return
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.sums[layer] += rows.sum(dim=0, dtype=torch.float64).cpu()
+        self.counts[layer] += rows.shape[0]
 
 
 class HeadAdapter:
@@ -133,6 +189,13 @@ class HeadAdapter:
         """The whole model's logits, with optional keep-masks {layer: (B, heads)}."""
         with self.gates.use(keep or {}):
             return self.model(x)
+
+    def head_output_sums(self, x: torch.Tensor) -> HeadSums:
+        """The sums of every head's output (the output projections' inputs) over the images x and all
+        their tokens, on the intact model: what mean ablation substitutes, once divided by the counts."""
+        with self.gates.record() as sums:
+            self.model(x)
+        return sums
 
     # Prefix-shared path (supports_prefix adapters only).
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,10 @@ class RemovedAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
-    """Temporarily zero one head of a timm attention with a fused qkv Linear and a proj Linear."""
+def zeroed_head(attn: nn.Module, head: int, mean: torch.Tensor | None = None) -> Iterator[None]:
+    """Temporarily zero one head of a timm attention with a fused qkv Linear and a proj Linear; with `mean`
+    (the layer's (heads x head_dim,) substitutes, config ablation: mean), also add the head's mean output,
+    through W_O, to the projection's bias: the head then always contributes its mean."""
     dim = attn.head_dim if hasattr(attn, "head_dim") else attn.proj.in_features // attn.num_heads
     width = attn.num_heads * dim
     cols = slice(head * dim, (head + 1) * dim)
@@ -50,7 +52,11 @@ def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
     saved.append((attn.qkv.weight, attn.qkv.weight.detach().clone()))
     if attn.qkv.bias is not None:
         saved.append((attn.qkv.bias, attn.qkv.bias.detach().clone()))
+    if mean is not None:
+        saved.append((check_bias(attn.proj, "the attention's proj"), attn.proj.bias.detach().clone()))
     with torch.no_grad():
+        if mean is not None:
+            attn.proj.bias += folded_mean(attn.proj, cols, mean)
         attn.proj.weight[:, cols] = 0
         for r in rows:
             attn.qkv.weight[r] = 0
@@ -64,16 +70,67 @@ def zeroed_head(attn: nn.Module, head: int) -> Iterator[None]:
                 param.copy_(value)
 
 
-def zeroed_state_dict(attentions: list[nn.Module], model: nn.Module, heads: list[tuple[int, int]]) -> dict:
-    """The model's state dict with the heads zeroed as the plain definition does; the model is left intact."""
+def zeroed_state_dict(attentions: list[nn.Module], model: nn.Module, heads: list[tuple[int, int]],
+                      means: list[torch.Tensor | None] | None = None) -> dict:
+    """The model's state dict with the heads zeroed as the plain definition does (with `means`, per layer
+    substitutes of mean ablation, their means folded into the projections' biases); the model is left intact."""
     with contextlib.ExitStack() as stack:
         for layer, head in heads:
             attn = attentions[layer]
             if not isinstance(getattr(attn, "qkv", None), nn.Linear):
                 raise ModelError(f"layer {layer}: {type(attn).__name__} has no fused qkv projection, so its heads "
                                  "cannot be exported as zeroed weights")
-            stack.enter_context(zeroed_head(attn, head))
+            stack.enter_context(zeroed_head(attn, head, None if means is None else means[layer]))
         return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def check_bias(proj: nn.Linear, what: str) -> nn.Parameter:
+    """The projection's bias, which mean ablation folds into; an error that says what to do when there is none."""
+    if proj.bias is None:
+        raise ModelError(f"{what} has no bias, so a head's mean output cannot be folded into plain weights; "
+                         "export this run's heads with ablation: zero (a new scan), or keep the model in cigma-ray")
+    return proj.bias
+
+
+def folded_mean(proj: nn.Linear, cols: slice, mean: torch.Tensor) -> torch.Tensor:
+    """W_O[:, cols] @ mean[cols]: what the head adds to the projection's output when it outputs its mean."""
+    mean = torch.as_tensor(mean).reshape(-1)[cols]
+    return (proj.weight[:, cols].double() @ mean.to(proj.weight.device).double()).to(proj.bias.dtype)
+
+
+@contextlib.contextmanager
+def removed_output_heads(pairs: list[tuple[nn.Linear, int]], heads: list[tuple[int, int]],
+                         means: list[torch.Tensor | None] | None = None) -> Iterator[None]:
+    """Temporarily remove heads at their output projections only (any attention: timm, Hugging Face): zero
+    each head's columns of W_O, and with `means` add W_O[:, head] @ mean to the bias. `pairs` are the
+    (output projection, heads) of each layer, as the adapter's gates address them."""
+    saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                proj, count = pairs[layer]
+                dim = proj.in_features // count
+                cols = slice(head * dim, (head + 1) * dim)
+                params = [proj.weight] + ([check_bias(proj, f"layer {layer}'s output projection")]
+                                          if means is not None and means[layer] is not None else [])
+                for p in params:
+                    saved.setdefault(id(p), (p, p.detach().clone()))
+                if len(params) > 1:
+                    proj.bias += folded_mean(proj, cols, means[layer])
+                proj.weight[:, cols] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved.values():
+                p.copy_(value)
+
+
+def output_heads_state_dict(module: nn.Module, pairs: list[tuple[nn.Linear, int]], heads: list[tuple[int, int]],
+                            means: list[torch.Tensor | None] | None = None) -> dict:
+    """`module`'s state dict with the heads removed at their output projections (`removed_output_heads`):
+    how a Hugging Face model's pruned weights are exported; the module is left intact."""
+    with removed_output_heads(pairs, heads, means):
+        return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 def attentions_of(loaded: LoadedModel) -> list[nn.Module]:

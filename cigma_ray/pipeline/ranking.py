@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from ..config import Config
 from ..method import head_scores, ranks, score_terms
+from ..method.scores import FIG_SCORES, SWAP_SCORES
 from ..rundir import RunDir, StorageError
 from .units import Unit
 
@@ -59,8 +60,10 @@ def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]],
     by_id = np.argsort(ids, kind="stable")
     matrices = {name: np.full((len(heads), len(images)), np.nan) for name in names}
     filled = np.zeros((len(heads), len(images)), dtype=np.int32)
-    needs_fig = any(name != "big_drop" for name in names)
-    columns = ["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if needs_fig else [])
+    needs_fig = any(name in FIG_SCORES for name in names)
+    needs_swap = any(name in SWAP_SCORES for name in names)
+    columns = (["image_id", "layer", "head", "big", "big_ablated"] + (["fig", "fig_ablated"] if needs_fig else [])
+               + (["swap", "swap_ablated"] if needs_swap else []))
     for unit in units:
         t = run.read_table(unit.file, columns)
         layer, head, image = (t[k].to_numpy().astype(np.int64) for k in ("layer", "head", "image_id"))
@@ -71,7 +74,7 @@ def score_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]],
         if (r < 0).any() or (ids[c] != image).any():
             raise StorageError(f"{run.url}: {unit.file} holds a head or image this run does not scan: remove the "
                                "run's deltas/ folder and scan again")
-        terms = score_terms(*(t[k].to_numpy() for k in columns[3:]))
+        terms = score_terms(**{k: t[k].to_numpy() for k in columns[3:]})
         for name in names:
             matrices[name][r, c] = terms[name]
         np.add.at(filled, (r, c), 1)

@@ -1,4 +1,4 @@
-"""The stages predict -> select -> mask (with gains) -> scan -> rank, and resume.
+"""The stages predict -> select -> mask (with gains) -> [means] -> scan -> rank, and resume.
 
 `Pipeline` validates everything a scan needs up front (data, model, config, the run directory's
 compatibility), then runs each stage's missing units on its executor: in this process by
@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ..config import Config, ConfigError, resolve_k
 from ..data import DataError, open_source
-from ..method import SCORES
+from ..method import available_scores
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
 from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out
@@ -28,7 +28,9 @@ from .units import (
     Job,
     Unit,
     check_units,
+    donors_of,
     mask_units,
+    means_units,
     missing_units,
     predict_units,
     round_file,
@@ -87,7 +89,12 @@ class Pipeline:
         return select_images(correct, self.cfg.tp_ratio, self.cfg.seed)
 
     def mask_units(self, selected: list[int]) -> list[Unit]:
-        return mask_units(selected, self.cfg)
+        """The mask stage's units; with measure_swap each carries its images' donors (drawn from predictions)."""
+        donors = donors_of(self.run, selected, self.cfg) if self.cfg.measure_swap else None
+        return mask_units(selected, self.cfg, donors)
+
+    def means_units(self, selected: list[int]) -> list[Unit]:
+        return means_units(selected, self.cfg)
 
     def scan_units(self, selected: list[int], round: int = 0, removed: list[tuple[int, int]] = ()) -> list[Unit]:
         return scan_units(selected, self.cfg, self.adapter.heads_per_layer, round, removed,
@@ -146,6 +153,8 @@ class Pipeline:
             selected = self.selected()
             self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
                            "img-step")  # ticks once per optimisation step of a unit's images
+            if self.cfg.ablation == "mean":  # the heads' means over D, on the intact model, before any ablation
+                self.run_stage("means", self.means_units(selected), lambda u: len(u.image_ids), "img")
             if self.cfg.adaptive:
                 self.run_adaptive(selected)
                 return
@@ -163,7 +172,7 @@ class Pipeline:
         """The gradient pre-screen of D (screen/, skipped where done): per score the run has, each head's estimate."""
         units = screen_units(selected, self.cfg)
         self.run_stage("screen", units, lambda u: len(u.image_ids), "img")
-        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        names = available_scores(self.cfg.measure_fig)  # the screen has no background-swap view
         return screen_scores(self.run, units, self.adapter.heads, sorted(selected), names)
 
     def run_adaptive(self, selected: list[int]) -> None:
@@ -192,7 +201,7 @@ class Pipeline:
             raise StorageError(f"cannot rank {self.run.url}: {len(missing)} scan units are missing, e.g. "
                                f"{missing[0].file}")
         heads = [h for h in self.adapter.scanned_heads if h not in set(removed)]
-        names = list(SCORES) if self.cfg.measure_fig else ["big_drop"]
+        names = available_scores(self.cfg.measure_fig, self.cfg.measure_swap)
         table = rank_heads(score_matrices(self.run, units, heads, sorted(selected), names), heads, self.cfg)
         if self.cfg.rounds > 1:
             self.run.write_table(round_file(round), table)
@@ -218,6 +227,8 @@ def run_status(run: RunDir) -> dict:
         correct = preds.filter(preds["correct"])["image_id"].to_pylist()
         selected = select_images(correct, cfg.tp_ratio, cfg.seed) if correct else []
         stages_units = [("mask", mask_units(selected, cfg))]
+        if cfg.ablation == "mean":
+            stages_units.append(("means", means_units(selected, cfg)))
         if cfg.adaptive:
             adaptive = adaptive_status(run, cfg, selected, plan["heads_per_layer"], plan.get("skipped_layers", []),
                                        stages_units)

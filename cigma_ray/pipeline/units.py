@@ -6,6 +6,7 @@ units whose file is missing, so an interrupted run finishes when the same comman
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -13,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from ..config import Config, from_dict
+from ..method import choose_donors
 from ..models import ModelSpec
 from ..rundir import RunDir, scanned_model_spec
 
@@ -49,10 +51,12 @@ class Unit:
     round: int = 0  # iterative mode: the scan round
     removed: tuple[tuple[int, int], ...] = ()  # heads removed by earlier rounds, ablated throughout
     subdir: str = ""  # a folder of the stage's own (an adaptive scan's round: "adaptive/round-003")
+    donors: tuple[int, ...] = ()  # a mask unit with measure_swap: each image's donor (an image id of D)
 
     @property
     def file(self) -> str:
-        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas", "screen": "screen"}[self.stage]
+        folder = {"predict": "predictions", "mask": "masks", "scan": "deltas", "screen": "screen",
+                  "means": "means"}[self.stage]
         if self.subdir:
             folder += f"/{self.subdir}"
         if self.round:
@@ -71,6 +75,10 @@ class Unit:
     def failure_record(self) -> str:
         """This unit, when it failed for good."""
         return f"failures/unit-{self.file.replace('/', '-')}"
+
+
+log = logging.getLogger(__name__)
+NO_DONOR = -1  # masks/ donor of an image with no image of another predicted class in D: it is its own donor
 
 
 def shards(ids: list[int], size: int) -> list[tuple[int, ...]]:
@@ -94,9 +102,31 @@ def predict_units(n_images: int, cfg: Config) -> list[Unit]:
     return [Unit("predict", k, s) for k, s in enumerate(shards(list(range(n_images)), cfg.unit_images))]
 
 
-def mask_units(selected: list[int], cfg: Config) -> list[Unit]:
-    """One unit per mask batch: masks optimised together must always be the same images."""
-    return [Unit("mask", k, s) for k, s in enumerate(shards(selected, cfg.mask_batch))]
+def mask_units(selected: list[int], cfg: Config, donors: dict[int, int] | None = None) -> list[Unit]:
+    """One unit per mask batch: masks optimised together must always be the same images. With `donors`
+    (measure_swap), each unit carries its images' donors, whatever shard those live in."""
+    return [Unit("mask", k, s, donors=tuple(donors[i] for i in s) if donors else ())
+            for k, s in enumerate(shards(selected, cfg.mask_batch))]
+
+
+def donors_of(run: RunDir, selected: list[int], cfg: Config) -> dict[int, int]:
+    """Each image of D's donor for the background swap: an image of D with another predicted class, drawn
+    seeded (`method.choose_donors` over D in image-id order), so every process agrees on it."""
+    preds = run.read_folder("predictions", columns=["image_id", "pred"])
+    pred_of = dict(zip(preds["image_id"].to_pylist(), preds["pred"].to_pylist()))
+    ids = sorted(selected)
+    donors = choose_donors([pred_of[i] for i in ids], cfg.seed)[:, 0]
+    if len(ids) and (donors < 0).any():
+        log.warning("measure_swap: every image of D is predicted as class %s, so no image has a donor of another "
+                    "class for the background swap; its donor is itself (recorded as -1), SWAP is 0 and swap_drop "
+                    "is 0 for every head. Scan data the model tells apart in several classes for a swap score.",
+                    pred_of[ids[0]])
+    return {i: ids[d] if d >= 0 else NO_DONOR for i, d in zip(ids, donors)}
+
+
+def means_units(selected: list[int], cfg: Config) -> list[Unit]:
+    """ablation: mean: image shards of D whose heads' output sums (over images and tokens) make the means."""
+    return [Unit("means", k, s) for k, s in enumerate(shards(selected, cfg.unit_images))]
 
 
 def scan_units(selected: list[int], cfg: Config, heads_per_layer: list[int], round: int = 0,

@@ -14,8 +14,8 @@ import torch
 from ..data import ImageSource, open_source
 from ..engine import Replica
 from ..models import LoadedModel, load
-from ..rundir import RunDir, decode_fg
-from .units import Job, Unit
+from ..rundir import RunDir, decode_fg, install_means, means_table
+from .units import NO_DONOR, Job, Unit
 
 
 class Worker:
@@ -28,6 +28,24 @@ class Worker:
         self.source = source or open_source(job.data)
         self.loaded = loaded or load(job.model, job.device, job.precision)
         self.replica = Replica(self.loaded, job.device, job.precision, self.cfg.batch_size)
+        self.means_installed = False
+
+    def _donor_images(self, unit: Unit, donors: list[int], images: torch.Tensor) -> torch.Tensor:
+        """The donor images of a unit's `images`, read by id wherever they are (any shard of D); an image with
+        no donor (NO_DONOR: D holds one predicted class) is its own."""
+        wanted = sorted(set(donors) - {NO_DONOR})
+        loaded, ok, failed = self.source.load([self.source.records[i] for i in wanted], self.loaded.transform)
+        if failed:
+            raise RuntimeError(f"{unit.file}: donor image {failed[0][0].path} of the background swap cannot be read "
+                               f"now ({failed[0][1]}); restore it and run the same command again")
+        position = {r.image_id: i for i, r in enumerate(ok)}
+        return torch.stack([images[j] if d == NO_DONOR else loaded[position[d]] for j, d in enumerate(donors)])
+
+    def _install_means(self) -> None:
+        """ablation: mean: the run's means become the ablated heads' substitutes (once, before the first scan unit)."""
+        if self.cfg.ablation == "mean" and not self.means_installed:
+            install_means(self.loaded, self.run)
+            self.means_installed = True
 
     def _images(self, unit: Unit):
         records = [self.source.records[i] for i in unit.image_ids]
@@ -64,20 +82,39 @@ class Worker:
     def _mask(self, unit: Unit, progress) -> pa.Table:
         images, ok = self._images(unit)
         if not ok:
-            return empty_masks_table()
+            return empty_masks_table(self.cfg.measure_swap)
         result = self.replica.masks(images, self.cfg, on_step=lambda: progress(len(ok)))  # image-steps
-        return pa.table({
+        columns = {
             "image_id": pa.array([r.image_id for r in ok], pa.int64()),
             "mask": pa.array(list(result.mask.reshape(len(ok), -1).numpy()), pa.list_(pa.float32())),
             "fg": pa.array(list(result.fg.reshape(len(ok), -1).numpy()), pa.list_(pa.bool_())),
             "fig": pa.array(result.fig.numpy(), pa.float64()),
             "big": pa.array(result.big.numpy(), pa.float64()),
             "bir": pa.array(result.bir.numpy(), pa.float64()),
-        })
+        }
+        if self.cfg.measure_swap:  # the background swap: each image's foreground on its donor's image
+            donor_of = dict(zip(unit.image_ids, unit.donors))
+            donors = [donor_of[r.image_id] for r in ok]
+            swap = self.replica.swap_gains(images, result.fg, self._donor_images(unit, donors, images), self.cfg.tau)
+            columns["donor"] = pa.array(donors, pa.int64())
+            columns["swap"] = pa.array(swap.numpy(), pa.float64())
+        return pa.table(columns)
+
+    def _means(self, unit: Unit, progress) -> pa.Table:
+        """Sums of every head's output over the unit's images of D and their tokens, on the intact model."""
+        images, ok = self._images(unit)
+        if not ok:
+            return means_table([np.zeros(p.in_features) for p in self.loaded.adapter.gates.projections],
+                               [0] * self.loaded.adapter.num_layers, 0)
+        sums = self.replica.head_output_sums(images)
+        progress(len(unit.image_ids))
+        return means_table([s.numpy() for s in sums.sums], sums.counts, len(ok))
 
     def _masked_images(self, unit: Unit):
         """(masks rows, image ids, images) of a unit's images of D, by image id; images unreadable now are left out."""
-        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "fig", "big"]) for f in unit.inputs])
+        swap_columns = ["donor", "swap"] if self.cfg.measure_swap else []
+        masks = pa.concat_tables([self.run.read_table(f, ["image_id", "fg", "fig", "big", *swap_columns])
+                                  for f in unit.inputs])
         wanted = pa.array(unit.image_ids, pa.int64())
         masks = masks.filter(pc.is_in(masks["image_id"], value_set=wanted)).sort_by("image_id")
         ids = masks["image_id"].to_pylist()
@@ -90,6 +127,7 @@ class Worker:
 
     def _screen(self, unit: Unit, progress) -> pa.Table:
         """The gradient pre-screen of a unit's images: every head's dBIG_i/dg_h (and dFIG_i/dg_h) at g = 1."""
+        self._install_means()  # the gradient of a head's gate is then that of its mean ablation
         masks, ids, images = self._masked_images(unit)
         heads = self.loaded.adapter.heads
         if not ids:
@@ -100,17 +138,24 @@ class Worker:
         return screen_table(ids, heads, screened, self.cfg.measure_fig)
 
     def _scan(self, unit: Unit, progress) -> pa.Table:
+        self._install_means()
         masks, ids, images = self._masked_images(unit)
         if not ids:
-            return empty_deltas_table(self.cfg.measure_fig)
+            return empty_deltas_table(self.cfg.measure_fig, self.cfg.measure_swap)
         fg = decode_fg(masks["fg"], self.cfg.mask_size)
         heads = list(unit.heads)
+        donor_images = (self._donor_images(unit, masks["donor"].to_pylist(), images) if self.cfg.measure_swap
+                        else None)
         ablated = self.replica.scan(images, fg, heads, self.cfg.tau, on_pairs=progress, removed=unit.removed,
-                                    measure_fig=self.cfg.measure_fig)
+                                    measure_fig=self.cfg.measure_fig, donor_images=donor_images)
         fig, big = masks["fig"].to_numpy(), masks["big"].to_numpy()
+        swap = masks["swap"].to_numpy() if self.cfg.measure_swap else None
         if unit.removed:  # the baseline is the model as earlier rounds left it
-            fig, big = self.replica.gains(images, fg, self.cfg.tau, self.replica.keep_without(list(unit.removed)))
+            keep = self.replica.keep_without(list(unit.removed))
+            fig, big = self.replica.gains(images, fg, self.cfg.tau, keep)
             fig, big = fig.numpy().astype(np.float64), big.numpy().astype(np.float64)
+            if donor_images is not None:
+                swap = self.replica.swap_gains(images, fg, donor_images, self.cfg.tau, keep).numpy().astype(np.float64)
         n = len(ids)
         big_ablated = ablated.big.numpy().astype(np.float64)
         columns = {
@@ -124,6 +169,9 @@ class Worker:
         if ablated.fig is not None:
             columns["fig"] = pa.array(np.tile(fig, len(heads)), pa.float64())
             columns["fig_ablated"] = pa.array(ablated.fig.numpy().astype(np.float64).reshape(-1), pa.float64())
+        if ablated.swap is not None:
+            columns["swap"] = pa.array(np.tile(swap, len(heads)), pa.float64())
+            columns["swap_ablated"] = pa.array(ablated.swap.numpy().astype(np.float64).reshape(-1), pa.float64())
         return pa.table(columns)
 
 
@@ -137,10 +185,11 @@ def failure_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in FAILURE_SCHEMA.names} for r in rows], schema=FAILURE_SCHEMA)
 
 
-def empty_masks_table() -> pa.Table:
+def empty_masks_table(measure_swap: bool = False) -> pa.Table:
+    swap = {"donor": pa.array([], pa.int64()), "swap": pa.array([], pa.float64())} if measure_swap else {}
     return pa.table({"image_id": pa.array([], pa.int64()), "mask": pa.array([], pa.list_(pa.float32())),
                      "fg": pa.array([], pa.list_(pa.bool_())), "fig": pa.array([], pa.float64()),
-                     "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64())})
+                     "big": pa.array([], pa.float64()), "bir": pa.array([], pa.float64()), **swap})
 
 
 def screen_table(ids: list[int], heads: list[tuple[int, int]], screened, measure_fig: bool) -> pa.Table:
@@ -159,7 +208,8 @@ def screen_table(ids: list[int], heads: list[tuple[int, int]], screened, measure
     return pa.table(columns)
 
 
-def empty_deltas_table(measure_fig: bool = False) -> pa.Table:
-    names = ["big", "big_ablated", "delta"] + (["fig", "fig_ablated"] if measure_fig else [])
+def empty_deltas_table(measure_fig: bool = False, measure_swap: bool = False) -> pa.Table:
+    names = (["big", "big_ablated", "delta"] + (["fig", "fig_ablated"] if measure_fig else [])
+             + (["swap", "swap_ablated"] if measure_swap else []))
     return pa.table({"image_id": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
                      "head": pa.array([], pa.int32()), **{k: pa.array([], pa.float64()) for k in names}})

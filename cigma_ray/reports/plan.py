@@ -67,7 +67,7 @@ def plan_text(name: str, p: dict, args: PlanSettings) -> str:
         + (f"; the heads of the {p['unread_layers']} vision layer(s) above the one the language model reads are not"
            if p["unread_layers"] else "") + "); the language model runs in full for every ablated forward",
         f"forwards   predict {f['predict']:,} + mask {f['mask']:,} (D x (3 x {args.mask_steps} steps + 3)) + "
-        + (f"scan {f['scan']:,} (heads x D x {p['views']}{', measure_fig' if p['views'] == 3 else ''})"
+        + (f"scan {f['scan']:,} (heads x D x {p['views']}{view_names(args)})"
            if p["adaptive_saving"] is None else adaptive_scan_text(p, args))
         + f" = {total:,}",
         f"rate       {p['rate']:.1f} forwards/s per replica ({p['rate'] / p['views']:.1f} head x image pairs/s) "
@@ -82,7 +82,7 @@ def plan_text(name: str, p: dict, args: PlanSettings) -> str:
 def adaptive_scan_text(p: dict, args: PlanSettings) -> str:
     """The adaptive scan's forwards, the exhaustive count beside them, and where the saving comes from."""
     f = p["forwards"]
-    views = f"heads x D x {p['views']}{', measure_fig' if p['views'] == 3 else ''}"
+    views = f"heads x D x {p['views']}{view_names(args)}"
     screen = (f" + screen {f['screen']:,} (D x {p['views']} views x a forward and a backward, about 3 forwards)"
               if "screen" in f else "")
     how = (f"--saving {p['adaptive_saving']:g}, as measured" if p["adaptive_saving_measured"] else
@@ -93,3 +93,8 @@ def adaptive_scan_text(p: dict, args: PlanSettings) -> str:
            "14.5 / g images), so measure yours with `cigma-ray bench adaptive RUN` on an exhaustive run and pass "
            "--saving")
     return f"scan about {f['scan']:,} adaptive ({how}; exhaustive: {p['scan_exhaustive']:,} = {views}){screen}"
+
+
+def view_names(args: PlanSettings) -> str:
+    """The scan's extra views beside the image and its background-removed counterfactual, as config keys."""
+    return "".join(", " + k for k in ("measure_fig", "measure_swap") if getattr(args, k, False))

@@ -18,12 +18,16 @@ def run_summary(run: RunDir) -> str:
     if preds is not None:
         correct = int(np.sum(preds["correct"].to_numpy(zero_copy_only=False)))
         lines.append(f"accuracy  {correct / max(preds.num_rows, 1):.3f} ({correct}/{preds.num_rows} correct)")
-    masks = run.read_folder("masks", columns=["fig", "big"])
+    swap = meta["config"].get("measure_swap", False)
+    masks = run.read_folder("masks", columns=["fig", "big"] + (["swap"] if swap else []))
     if masks is not None and masks.num_rows:
         s = bir_summary(masks["fig"].to_numpy(), masks["big"].to_numpy())
         lines.append(f"D         {masks.num_rows} images; mean FIG {np.mean(masks['fig'].to_numpy()):.4f}, "
                      f"mean BIG {np.mean(masks['big'].to_numpy()):.4f}, BIR {s['bir_mean']:.3f} (mean), "
-                     f"{s['bir_ratio']:.3f} (ratio of means)")
+                     f"{s['bir_ratio']:.3f} (ratio of means)"
+                     + (f"; mean SWAP {np.mean(masks['swap'].to_numpy()):.4f} (background of another class)" if swap else ""))
+    if meta["config"].get("ablation", "zero") == "mean":
+        lines.append("ablation  mean: an ablated head outputs its mean over D's images and tokens (means/)")
     failures = run.read_folder("failures", columns=["kind"])
     if failures is not None and failures.num_rows:
         kinds = failures["kind"].to_pylist()
@@ -91,9 +95,13 @@ def top_heads_text(run: Run, top: int | None = None, score: str | None = None) -
     lines.append(format_table(headers, rows, align))
     if run.adaptive:
         lines.append(adaptive_note(run))
-    elif not cfg.get("measure_fig", False) and rounds == 1:
-        lines.append("(this scan did not measure FIG^(-h), so only big_drop is available; config measure_fig: true "
-                     "adds bir_drop and big_minus_fig)")
+    elif rounds == 1:
+        if not cfg.get("measure_fig", False):
+            lines.append("(this scan did not measure FIG^(-h), so bir_drop and big_minus_fig are not available; "
+                         "config measure_fig: true adds them)")
+        if not cfg.get("measure_swap", False):
+            lines.append("(this scan did not measure SWAP^(-h), so swap_drop is not available; config measure_swap: "
+                         "true adds it)")
     return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ import torch
 from ..config import Config, ConfigError, from_dict, resolve_k
 from ..data import DataError, ImageSource, open_source
 from ..engine import Replica
-from ..method import SCORES
+from ..method import available_scores
 from ..models import LoadedModel, ModelError, ModelSpec, load
 from .manifest import scanned_model_spec
+from .means import head_means
 from .storage import RunDir, StorageError
 
 
@@ -35,6 +36,12 @@ def top_heads(rankings: pa.Table, k: int, lowest: bool = False, column: str = "r
     """The k best-ranked heads (or the k worst, as a control) by a rank column (`Run.rank_column` says which)."""
     rows = rankings.sort_by([(column, "descending" if lowest else "ascending")]).slice(0, k).to_pylist()
     return [(r["layer"], r["head"]) for r in rows]
+
+
+def install_means(loaded: LoadedModel, run: RunDir, images: int | None = None) -> None:
+    """Mean ablation (config ablation: mean): the run's means of every head's output over D become the
+    substitutes of ablated heads in `loaded`'s gates, so every ablated forward of it is the run's."""
+    loaded.adapter.gates.set_means([torch.from_numpy(m).float() for m in head_means(run, images)])
 
 
 def decode_fg(column: pa.ChunkedArray | pa.Array, side: int) -> torch.Tensor:
@@ -95,11 +102,18 @@ class Run:
     # -- scores and K ---------------------------------------------------------------------------
     @property
     def scores(self) -> list[str]:
-        """The scores the run can rank by: all three when its scan measured FIG^(-h), else the paper's; an
-        iterative run only by the score its rounds removed heads by (other orders mix rounds)."""
+        """The scores the run can rank by: the paper's, the FIG scores when its scan measured FIG^(-h), swap_drop
+        when it measured SWAP^(-h); an iterative run only by the score its rounds removed heads by (other
+        orders mix rounds), an adaptive one by the score it decided its top K by."""
         if self.rounds > 1 or self.adaptive:
             return [self.score]
-        return list(SCORES) if self.meta["config"].get("measure_fig", False) else ["big_drop"]
+        cfg = self.meta["config"]
+        return available_scores(cfg.get("measure_fig", False), cfg.get("measure_swap", False))
+
+    @property
+    def ablation(self) -> str:
+        """What an ablated head's output becomes in this run: zero (the paper's), or its mean over D."""
+        return self.meta["config"].get("ablation", "zero")
 
     def parse_scores(self, text: str | None) -> list[str]:
         """--scores: a comma-separated subset of the run's scores (default: all of them)."""
@@ -109,9 +123,13 @@ class Run:
         chosen = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in chosen if x not in available]
         if bad or not chosen:
+            cfg = self.meta["config"]
+            missing = ["FIG^(-h) (config measure_fig: false)" if not cfg.get("measure_fig", False) else "",
+                       "SWAP^(-h) (config measure_swap: false)" if not cfg.get("measure_swap", False) else ""]
+            missing = [m for m in missing if m]
             why = ("its adaptive scan decided the top K by that score only" if self.adaptive else
-                   "its scan did not measure FIG^(-h) (config measure_fig: false)" if len(available) == 1 and
-                   self.rounds == 1 else "that is what it has")
+                   f"its scan did not measure {' nor '.join(missing)}" if missing and self.rounds == 1
+                   else "that is what it has")
             raise ConfigError(f"--scores {text!r}: this run can rank by {', '.join(available)} ({why})")
         return list(dict.fromkeys(chosen))
 
@@ -166,6 +184,8 @@ class Run:
             raise ModelError(f"the weights loaded for {spec.name} ({loaded.fingerprint['weights']}) are not the ones "
                              f"{self.url} scanned ({self.meta['model']['weights']}); the checkpoint changed since the "
                              "scan. Pass the original file with --checkpoint")
+        if self.ablation == "mean":
+            install_means(loaded, self.dir, self.masks(["image_id"]).num_rows)
         return loaded
 
     def open_data(self) -> ImageSource:

@@ -200,6 +200,18 @@ class VLMAdapter(HFAdapter):
                 "prefix_tokens": int(self.model.prefix_ids.shape[1]),
                 "params": sum(p.numel() for p in self.model.parameters())}
 
+    def head_output_sums(self, x: torch.Tensor):
+        """Sums of the heads' outputs over the images and the tokens of the prompt's forward (the image's and
+        the question's, once per image): the language model's heads also run on the answers' tokens, but those
+        depend on the class list and on how it is chunked, so they are left out of the means."""
+        with self.gates.record() as sums:
+            handle = self.model.vlm.register_forward_hook(lambda *args: sums.paused.update(range(self.num_layers)))
+            try:
+                self.model(x)
+            finally:
+                handle.remove()
+        return sums
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the first vision layer: the tower's embeddings (and any norm before its layers)."""
         captured = []
