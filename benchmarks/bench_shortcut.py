@@ -2,10 +2,11 @@
 the K lowest-scored, on real aligned and conflicting test splits, and whether `prune --auto-k` (each objective,
 several guards) chooses a pruning that helps on the real conflicting split.
 
-    python benchmarks/bench_shortcut.py [--work runs/bench-shortcut] [--ks 1,2,4,8] [--seeds 5]
+    python benchmarks/bench_shortcut.py [--benchmark shapes|scenes] [--work runs/bench-shortcut] [--ks 1,2,4,8] [--seeds 5]
         [--model timm:NAME --checkpoint FILE --model-kwargs JSON --scan DIR --aligned DIR --conflicting DIR --name N]
 
-Default: the built-in demo (its shipped ViT, its data generated under WORK/demo_data). For another model and
+Default: the built-in demo (`--benchmark shapes`, or `scenes`: its shipped ViT, its data generated under
+WORK/BENCHMARK_data). For another model and
 data, give the scan split (the training distribution: D and --auto-k's held-out images come from it) and the
 aligned and conflicting test splits (ImageFolder trees of the same classes).
 
@@ -40,6 +41,7 @@ from cigma_ray.evaluation.autok import auto_k_rows, paired_gain
 from cigma_ray.evaluation.experiments import experiment_rows
 from cigma_ray.models import ModelSpec
 from cigma_ray.pipeline import Job, Pipeline
+from cigma_ray.progress import ProgressLines
 from cigma_ray.rundir import open_run
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,23 +51,18 @@ GUARDS = (0.02, 0.05, 0.10)
 METRICS = ("accuracy", "conflict_accuracy", "bir_mean")
 
 
-class Bar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def demo_setup(work: Path, data_root: Path) -> dict:
-    from cigma_ray.data.demo import ensure_demo_data
-    from cigma_ray.demo.run import DEMO_CONFIG, demo_job
+def builtin_setup(name: str, work: Path, data_root: Path, reduced: bool) -> dict:
+    """A built-in benchmark of `cigma-ray demo` (shapes or scenes): its shipped model, data and config."""
+    from cigma_ray.demo.run import benchmark
 
-    paths = ensure_demo_data(data_root)
-    job = demo_job(str(work / "zero"), data_root)
-    return {"name": "demo", "spec": job.model, "scan": str(paths["scan"]), "aligned": str(paths["aligned"]),
-            "conflicting": str(paths["conflicting"]), "config": DEMO_CONFIG}
+    bench = benchmark(name)
+    paths = bench.ensure_data(data_root, reduced)
+    return {"name": name + ("-reduced" if reduced else ""), "spec": bench.spec(), "scan": str(paths["scan"]),
+            "aligned": str(paths["aligned"]), "conflicting": str(paths["conflicting"]), "config": bench.config}
 
 
 def scan(setup: dict, work: Path, mask_steps: int | None) -> dict[str, str]:
@@ -100,14 +97,12 @@ def share_eval_masks(outs: dict[str, str]) -> None:
 
 
 def plan_for(scanned, ks: list[int], seeds: list[int], scores: list[str]) -> list[tuple]:
-    rankings = scanned.run.rankings()
-    from cigma_ray.rundir import top_heads
-
+    run = scanned.run
     plan = [("intact", None, [])]
     for k in ks:
-        plan += [(score, None, top_heads(rankings, k, score=score)) for score in scores]
+        plan += [(score, None, run.top_heads(k, score)) for score in scores]
         plan += [("random", s, random_heads(scanned.heads, k, s)) for s in seeds]
-        plan += [(f"lowest:{score}", None, top_heads(rankings, k, lowest=True, score=score)) for score in scores]
+        plan += [(f"lowest:{score}", None, run.top_heads(k, score, lowest=True)) for score in scores]
     return plan
 
 
@@ -120,7 +115,7 @@ def evaluate_splits(scanned, setup: dict, ks: list[int], seeds: list[int], mask_
         data = eval_set(scanned, open_source(setup[split]), mask_images, split)
         values: list[dict] = []
         start = time.perf_counter()
-        rows += experiment_rows(scanned.replica, data, plan, scanned.cfg, Bar(), values)
+        rows += experiment_rows(scanned.replica, data, plan, scanned.cfg, ProgressLines(split, len(plan), True), values)
         per_image[split] = values
         log(f"  {split}: {len(plan)} prunings in {time.perf_counter() - start:.0f} s")
     return rows, per_image
@@ -250,9 +245,13 @@ def proxy_agreement(parts: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/bench-shortcut", help="run directories and data (reused when rerun)")
-    parser.add_argument("--demo-data", help="where the demo's data is (generated if missing; default WORK/demo_data)")
-    parser.add_argument("--name", help="benchmark name in the result files (default: demo, else the model's)")
-    parser.add_argument("--model", help="timm:NAME (default: the demo's ViT)")
+    parser.add_argument("--benchmark", default="shapes", choices=["shapes", "scenes"],
+                        help="the built-in benchmark (`cigma-ray demo --benchmark`) when no --model is given")
+    parser.add_argument("--reduced", action="store_true", help="scenes: its small form (a smoke run)")
+    parser.add_argument("--demo-data", help="where the benchmark's data is (generated if missing; default "
+                        "WORK/BENCHMARK_data)")
+    parser.add_argument("--name", help="benchmark name in the result files (default: the benchmark's, else the model's)")
+    parser.add_argument("--model", help="timm:NAME (default: the built-in benchmark's ViT)")
     parser.add_argument("--checkpoint")
     parser.add_argument("--model-kwargs", default="{}", help="JSON of timm.create_model arguments")
     parser.add_argument("--scan", help="the scan split (training distribution)")
@@ -269,7 +268,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        setup = demo_setup(work, Path(args.demo_data) if args.demo_data else work / "demo_data")
+        setup = builtin_setup(args.benchmark, work, Path(args.demo_data) if args.demo_data
+                              else work / f"{args.benchmark}_data", args.reduced)
     else:
         setup = {"name": args.name or args.model.split(":")[-1], "scan": args.scan, "aligned": args.aligned,
                  "conflicting": args.conflicting, "config": Config(top_k=3, unit_images=32),

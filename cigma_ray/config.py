@@ -142,6 +142,16 @@ class Config:
         return resolve_k(self.top_k, n_heads)
 
 
+# Keys added with a default other than what runs made before them did: a run.json without one of them
+# ran with this value (a run made before measure_swap existed measured no SWAP^(-h)), not today's default.
+BEFORE_KEY = {"measure_swap": False}
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run.json's config, with the keys it predates filled in as that run behaved (BEFORE_KEY)."""
+    return {**BEFORE_KEY, **config}
+
+
 def resolve_k(top_k: int | float, n_heads: int, name: str = "top_k") -> int:
     """Heads to prune: a count as given; a fraction f of n_heads rounded half up, at least 1
     (0.02 of 1000 heads is 20; of 72 heads, 1.44 -> 1; 0.025 of 100, 2.5 -> 3). A count above n_heads is an error.

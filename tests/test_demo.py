@@ -39,3 +39,26 @@ def test_demo_runs_the_whole_method_and_reports(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
     assert "mask" not in again.stderr  # everything was already done: resumed, nothing recomputed
+
+
+@pytest.mark.timeout(900)
+def test_the_scenes_benchmark_runs_from_one_command(tmp_path):
+    """`cigma-ray demo --benchmark scenes --reduced`: the second benchmark's data generated, its shipped model
+    scanned, every score swept on its aligned and conflicting splits, --auto-k's choice; --reduced is refused
+    for the shapes benchmark, which has one size."""
+    out = tmp_path / "scenes"
+    proc = subprocess.run([sys.executable, "-m", "cigma_ray.cli", "demo", "--benchmark", "scenes", "--reduced",
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "scenes_data").iterdir() if p.is_dir()) == ["aligned", "conflicting", "scan"]
+    assert len(list((out / "scenes_data" / "conflicting").rglob("*.png"))) == 64
+    rows = pq.read_table(out / "eval" / "sweep.parquet").to_pylist()
+    intact = {r["set"]: r for r in rows if r["control"] == "intact"}
+    assert intact["aligned"]["accuracy"] > intact["conflicting"]["accuracy"] + 0.2  # the planted shortcut
+    assert {r["control"] for r in rows} >= {"big_drop", "bir_drop", "big_minus_fig", "swap_drop", "random"}
+    assert pq.read_table(out / "rankings.parquet").num_rows == 24 and "chosen: " in proc.stdout
+
+    bad = subprocess.run([sys.executable, "-m", "cigma_ray.cli", "demo", "--reduced", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--reduced is for --benchmark scenes" in bad.stderr
+    assert not (tmp_path / "x").exists()

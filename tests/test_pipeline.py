@@ -203,7 +203,7 @@ def test_measure_fig_off_keeps_the_paper_score_only(tmp_path, image_folder, tiny
     shown = cli("scan", "--model", f"timm:{model}", "--checkpoint", path, "--model-kwargs", *model_args(kwargs),
                   "--data", image_folder, "--out", out, "--config", str(cfg), "--quiet").stdout
     assert "top 2 heads by big_drop" in shown  # 0.2 of 9 heads = 1.8 -> 2
-    assert "only big_drop is available" in shown
+    assert "bir_drop and big_minus_fig are not available" in shown
     deltas = pq.read_table(os.path.join(out, "deltas"))
     assert "fig_ablated" not in deltas.column_names
     assert "bir_drop" not in pq.read_table(os.path.join(out, "rankings.parquet")).column_names
@@ -334,7 +334,8 @@ def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run_dir, caps
     shutil.copytree(fast_run_dir, out)
     run = RunDir(out)
     job = Job.of_run(run.read_json("run.json"), out)
-    unit = mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config)[0]
+    selected = sorted(run.read_folder("masks")["image_id"].to_pylist())
+    unit = Pipeline(job, progress=False).mask_units(selected)[0]  # with its images' donors (measure_swap)
     ticks = []
     Worker(job).run_unit(unit, ticks.append)
     assert ticks == [len(unit.image_ids)] * job.config.mask_steps
@@ -343,7 +344,7 @@ def test_the_mask_stage_ticks_per_optimisation_step(tmp_path, fast_run_dir, caps
     os.remove(run.path("receipts", unit.file + ".json"))
     Pipeline(job, progress=True).run_all()
     err = capsys.readouterr().err
-    total = sum(len(u.image_ids) for u in mask_units(sorted(run.read_folder("masks")["image_id"].to_pylist()), job.config))
+    total = sum(len(u.image_ids) for u in mask_units(selected, job.config))
     assert f"/{total * job.config.mask_steps}" in err and "img-step/s" in err
 
 

@@ -12,6 +12,7 @@ from hf_configs import internvl2_26b_hf as internvl2_26b  # noqa: E402
 from hf_configs import llava15_13b  # noqa: E402
 
 from cigma_ray.cli import main  # noqa: E402
+from cigma_ray.config import Config  # noqa: E402
 from cigma_ray.models.hf.sizes import count_params, read_config  # noqa: E402
 from cigma_ray.plan import make_plan  # noqa: E402
 
@@ -141,7 +142,8 @@ def test_plan_adaptive_estimates_the_forwards_and_says_how(tmp_path, capsys):
 
     assert main(["plan", "--model", f"hf:{path}", "--images", "10000", "--adaptive"]) == 0
     out = capsys.readouterr().out
-    assert f"exhaustive: {p['scan_exhaustive']:,}" in out and f"scan about {p['forwards']['scan']:,} adaptive" in out
+    said = make_plan(config, images=10_000, adaptive=True, measure_swap=Config().measure_swap)  # the config's views
+    assert f"exhaustive: {said['scan_exhaustive']:,}" in out and f"scan about {said['forwards']['scan']:,} adaptive" in out
     assert "bench adaptive RUN" in out and "14.5 / g" in out
     assert main(["plan", "--model", f"hf:{path}", "--adaptive", "--saving", "6"]) == 0
     assert "--saving 6, as measured" in capsys.readouterr().out

@@ -93,6 +93,9 @@ class Worker:
             "bir": pa.array(result.bir.numpy(), pa.float64()),
         }
         if self.cfg.measure_swap:  # the background swap: each image's foreground on its donor's image
+            if len(unit.donors) != len(unit.image_ids):
+                raise ValueError(f"{unit.file}: a mask unit of a run with measure_swap needs each image's donor "
+                                 "(Pipeline.mask_units draws them)")
             donor_of = dict(zip(unit.image_ids, unit.donors))
             donors = [donor_of[r.image_id] for r in ok]
             swap = self.replica.swap_gains(images, result.fg, self._donor_images(unit, donors, images), self.cfg.tau)
