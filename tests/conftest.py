@@ -51,3 +51,14 @@ def fast_run_dir(tmp_path_factory, image_folder, tiny_checkpoint):
     from helpers import FAST
 
     return finished_run(tmp_path_factory.mktemp("fast") / "run", image_folder, tiny_checkpoint, FAST).job.out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a machine
+    shared by several jobs, two threads per process made small fits many times slower (results do not depend
+    on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

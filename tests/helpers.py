@@ -133,3 +133,27 @@ def interrupt_when(args: list[str], folder: str, sig: int, files: int = 1, timeo
         if proc.poll() is None:
             os.killpg(proc.pid, signals.SIGKILL)
             proc.wait()
+
+
+def labelled_folder(root, spec, n: int = 24, size: int = 32, seed: int = 1) -> str:
+    """Noise images filed under the class the model `spec` predicts with a clear margin (integer folders), so
+    every image is classified correctly (in D) whatever the thread count (no near-tie can flip)."""
+    import shutil
+
+    from cigma_ray.data import open_source
+    from cigma_ray.models import load
+
+    root = str(root)
+    staging = write_folder(root + "_staging", classes=("x",), per_class=n, size=size, seed=seed)
+    source = open_source(staging)
+    loaded = load(spec)
+    images, records, _ = source.load(source.records, loaded.transform)
+    with torch.no_grad():
+        logits = loaded.adapter.model(images)
+    top2 = logits.topk(2, dim=1).values
+    for record, pred, margin in zip(records, logits.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()):
+        if margin > 1e-3:
+            os.makedirs(os.path.join(root, str(pred)), exist_ok=True)
+            shutil.copy(record.path, os.path.join(root, str(pred), os.path.basename(record.path)))
+    shutil.rmtree(staging)
+    return root

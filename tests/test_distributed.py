@@ -26,11 +26,11 @@ os.environ["RAY_AUTH_MODE"] = "disabled"  # every Ray process of this module, in
 from cigma_ray.config import Config  # noqa: E402
 from cigma_ray.data import open_source  # noqa: E402
 from cigma_ray.distributed import RayExecutor, ray_executor  # noqa: E402
-from cigma_ray.models import ModelSpec, load  # noqa: E402
+from cigma_ray.models import ModelSpec  # noqa: E402
 from cigma_ray.pipeline import Job, LocalExecutor, Pipeline  # noqa: E402
 from cigma_ray.rundir import RunDir  # noqa: E402
 
-from helpers import model_args, perturb, write_folder  # noqa: E402
+from helpers import labelled_folder, model_args, perturb  # noqa: E402
 from ray_cluster import ProcessTracker, RayNodes, free_port, ray_env, wait_for  # noqa: E402
 
 CLI = [sys.executable, "-m", "cigma_ray.cli"]
@@ -102,7 +102,7 @@ def slow_run(tmp_path_factory):
     ckpt = str(root / "wide.pth")
     torch.save(model.state_dict(), ckpt)
     spec = ModelSpec(f"timm:{name}", checkpoint=ckpt, model_kwargs=kwargs)
-    folder = labelled_folder(str(root / "data"), spec, n=24, size=64)
+    folder = labelled_folder(root / "data", spec, n=24, size=64)
     return Reference(spec, folder, str(root / "reference"), SLOW)
 
 
@@ -112,21 +112,6 @@ def timm_model(name, kwargs):
     return timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
 
 
-def labelled_folder(root: str, spec: ModelSpec, n: int, size: int) -> str:
-    """Noise images filed under the class the model predicts with a clear margin, so all are in D."""
-    staging = write_folder(root + "_staging", classes=("x",), per_class=n, size=size, seed=1)
-    source = open_source(staging)
-    loaded = load(spec)
-    images, records, _ = source.load(source.records, loaded.transform)
-    with torch.no_grad():
-        logits = loaded.adapter.model(images)
-    top2 = logits.topk(2, dim=1).values
-    for record, pred, margin in zip(records, logits.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()):
-        if margin > 1e-3:  # no near-tie whose argmax could depend on the thread count
-            os.makedirs(os.path.join(root, str(pred)), exist_ok=True)
-            shutil.copy(record.path, os.path.join(root, str(pred), os.path.basename(record.path)))
-    shutil.rmtree(staging)
-    return root
 
 
 class Reference:

@@ -15,15 +15,7 @@ from cigma_ray.models import ModelSpec, load
 
 from helpers import VIT_KINDS, perturb
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a machine shared by several jobs, two spin-waiting threads per process made
-    these fits 25x slower (results do not depend on the thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(kind: str, n: int = 3, seed: int = 0, dtype=torch.float64):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,36 +13,20 @@ import pytest
 import torch
 
 from cigma_ray.config import Config
-from cigma_ray.data import open_source
 from cigma_ray.engine.reference import substituted_head
 from cigma_ray.evaluation import choose_pruning, evaluate, scan_eval_set
 from cigma_ray.evaluation.evalsets import SWAP_DONORS
 from cigma_ray.method import choose_donors, swapped
-from cigma_ray.models import ModelSpec, load
+from cigma_ray.models import ModelSpec
 from cigma_ray.models.surgery import zeroed_head
 from cigma_ray.pipeline import Job, Pipeline
 from cigma_ray.rundir import open_run
 
-from helpers import cli, write_folder
+from helpers import cli, labelled_folder
 
 CFG = Config(tp_ratio=0.5, mask_steps=4, mask_batch=4, unit_images=4, bootstrap=200, top_k=2, batch_size=8)
 
 
-def labelled_folder(root: str, spec: ModelSpec, n: int = 24) -> str:
-    """Noise images filed under the class the model predicts: every image correct, several classes."""
-    staging = write_folder(root + "_staging", classes=("x",), per_class=n, seed=5)
-    source = open_source(staging)
-    loaded = load(spec)
-    images, records, _ = source.load(source.records, loaded.transform)
-    with torch.no_grad():
-        logits = loaded.adapter.model(images)
-    top2 = logits.topk(2, dim=1).values
-    for record, pred, margin in zip(records, logits.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()):
-        if margin > 1e-3:
-            os.makedirs(os.path.join(root, str(pred)), exist_ok=True)
-            shutil.copy(record.path, os.path.join(root, str(pred), os.path.basename(record.path)))
-    shutil.rmtree(staging)
-    return root
 
 
 @pytest.fixture(scope="module", params=["zero", "mean"])
@@ -51,7 +34,7 @@ def run(request, tmp_path_factory, tiny_checkpoint):
     path, name, kwargs = tiny_checkpoint
     spec = ModelSpec(f"timm:{name}", checkpoint=path, model_kwargs=kwargs)
     root = tmp_path_factory.mktemp(f"conflict-{request.param}")
-    data = labelled_folder(str(root / "images"), spec)
+    data = labelled_folder(root / "images", spec, seed=5)
     job = Job(model=spec, data=data, out=str(root / "run"), config=CFG.replace(ablation=request.param))
     Pipeline(job, progress=False).run_all()
     return job.out

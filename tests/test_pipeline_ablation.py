@@ -13,36 +13,18 @@ import pytest
 import torch
 
 from cigma_ray.config import Config
-from cigma_ray.data import open_source
 from cigma_ray.engine.reference import scan_by_mean_substitution
 from cigma_ray.method import choose_donors, counterfactuals, head_scores, js, probs, swapped
-from cigma_ray.models import ModelSpec, load
+from cigma_ray.models import ModelSpec
 from cigma_ray.pipeline import Job, Pipeline, run_status
 from cigma_ray.rundir import RunDir, RunMismatch, decode_fg, head_means, open_run
 
-from helpers import rankings, write_folder
+from helpers import labelled_folder, rankings
 
 CFG = Config(tp_ratio=1.0, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=3, batch_size=8,
              ablation="mean", score="swap_drop")
 
 
-def labelled_folder(root: str, spec: ModelSpec, n: int = 14) -> str:
-    """Noise images filed under the class the model predicts (integer folders), so all are in D and D holds
-    several predicted classes."""
-    staging = write_folder(root + "_staging", classes=("x",), per_class=n, seed=3)
-    source = open_source(staging)
-    loaded = load(spec)
-    images, records, _ = source.load(source.records, loaded.transform)
-    with torch.no_grad():
-        logits = loaded.adapter.model(images)
-    top2 = logits.topk(2, dim=1).values
-    for record, pred, margin in zip(records, logits.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()):
-        if margin > 1e-3:
-            os.makedirs(os.path.join(root, str(pred)), exist_ok=True)
-            shutil.copy(record.path, os.path.join(root, str(pred), os.path.basename(record.path)))
-    shutil.rmtree(staging)
-    assert len(os.listdir(root)) >= 2
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +35,9 @@ def spec(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, spec):
-    return labelled_folder(str(tmp_path_factory.mktemp("swapdata") / "images"), spec)
+    folder = labelled_folder(tmp_path_factory.mktemp("swapdata") / "images", spec, n=14, seed=3)
+    assert len(os.listdir(folder)) >= 2  # D holds several predicted classes (donors)
+    return folder
 
 
 @pytest.fixture(scope="module")

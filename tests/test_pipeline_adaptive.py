@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from cigma_ray.config import Config, ConfigError
-from cigma_ray.data import open_source
-from cigma_ray.models import ModelSpec, load
+from cigma_ray.models import ModelSpec
 from cigma_ray.pipeline import Job, Pipeline, Worker, run_status
 from cigma_ray.rundir import RunDir, RunMismatch
 
-from helpers import VIT_KINDS, perturb, write_folder
+from helpers import VIT_KINDS, labelled_folder, perturb, write_folder
 
 # tp_ratio 1 (every correctly classified image in D), few mask steps, small units; delta 0.5 and short first
 # rounds so that heads do leave early on these small D (the guarantee holds at any delta)
@@ -26,29 +25,7 @@ CFG = Config(tp_ratio=1.0, mask_steps=3, mask_batch=16, unit_images=16, bootstra
 ADAPTIVE = dict(adaptive=True, delta=0.5, adaptive_first=8, adaptive_growth=1.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def labelled(root, spec: ModelSpec, n: int, size: int) -> str:
-    """Noise images filed under the class the model predicts, so every image is classified correctly (in D)."""
-    staging = write_folder(str(root) + "_staging", classes=("x",), per_class=n, size=size, seed=1)
-    source = open_source(staging)
-    loaded = load(spec)
-    images, records, _ = source.load(source.records, loaded.transform)
-    with torch.no_grad():
-        logits = loaded.adapter.model(images)
-    top2 = logits.topk(2, dim=1).values
-    for record, pred, margin in zip(records, logits.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()):
-        if margin > 1e-3:
-            os.makedirs(os.path.join(root, str(pred)), exist_ok=True)
-            shutil.copy(record.path, os.path.join(root, str(pred), os.path.basename(record.path)))
-    shutil.rmtree(staging)
-    return str(root)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_vit(root, kind: str, **overrides) -> ModelSpec:
@@ -110,7 +87,7 @@ def check_same_top_k(exhaustive: Pipeline, adaptive: Pipeline) -> pq.Table:
 def test_adaptive_top_k_equals_the_exhaustive_one_on_random_vits(tmp_path, kind, overrides, adaptive):
     spec = random_vit(tmp_path, kind, **overrides)
     size = VIT_KINDS[kind][1]["img_size"]
-    data = labelled(tmp_path / "data", spec, n=150, size=size)
+    data = labelled_folder(tmp_path / "data", spec, n=150, size=size)
     exhaustive, pipeline = exhaustive_then_adaptive(tmp_path, spec, data, CFG, **ADAPTIVE, **adaptive)
     got = check_same_top_k(exhaustive, pipeline)
     assert got["decided_early"].to_numpy().any(), "no head left early: the test would not test the bounds"
@@ -152,7 +129,7 @@ def test_adaptive_top_k_equals_the_exhaustive_one_on_the_demo_model(tmp_path):
 
 def test_interrupted_adaptive_scan_resumes_to_the_same_ranking(tmp_path, monkeypatch):
     spec = random_vit(tmp_path, "vit")
-    data = labelled(tmp_path / "data", spec, n=80, size=32)
+    data = labelled_folder(tmp_path / "data", spec, n=80, size=32)
     cfg = CFG.replace(unit_images=4, unit_layers=1, **ADAPTIVE)
     reference = Pipeline(Job(model=spec, data=data, out=str(tmp_path / "ref"), config=cfg), progress=False)
     reference.run_all()
