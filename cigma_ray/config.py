@@ -41,7 +41,7 @@ class Config:
     bootstrap: int = 1000
     ci_level: float = 0.95
     measure_fig: bool = True  # the scan also measures FIG^(-h) (1.5x the forwards): needed by bir_drop, big_minus_fig
-    measure_swap: bool = True  # ... and SWAP^(-h) on the background-swapped image (one more view): needed by swap_drop
+    measure_swap: bool = False  # ... and SWAP^(-h) on the background-swapped image (one more view): needed by swap_drop
     ablation: str = "zero"  # an ablated head's output before the output projection: zero, or its mean over D
     score: str = "big_drop"  # which score ranks the heads (rankings hold every score the scan can give)
     top_k: int | float = 16  # a count, or a fraction of all heads in (0, 1)
@@ -140,16 +140,6 @@ class Config:
     def k_of(self, n_heads: int) -> int:
         """top_k as a count of heads: an integer as given, a fraction of the heads rounded half up (at least 1)."""
         return resolve_k(self.top_k, n_heads)
-
-
-# Keys added with a default other than what runs made before them did: a run.json without one of them
-# ran with this value (a run made before measure_swap existed measured no SWAP^(-h)), not today's default.
-BEFORE_KEY = {"measure_swap": False}
-
-
-def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A run.json's config, with the keys it predates filled in as that run behaved (BEFORE_KEY)."""
-    return {**BEFORE_KEY, **config}
 
 
 def resolve_k(top_k: int | float, n_heads: int, name: str = "top_k") -> int:

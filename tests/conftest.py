@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
 def scored_run(tmp_path_factory, image_folder, tiny_checkpoint):
     """The tiny checkpoint scanned on image_folder, ranked by bir_drop with every score beside it: its run directory."""
     cfg = Config(tp_ratio=0.4, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=2, batch_size=8,
-                 score="bir_drop")
+                 score="bir_drop", measure_swap=True)
     return finished_run(tmp_path_factory.mktemp("scores") / "run", image_folder, tiny_checkpoint, cfg).job.out
 
 

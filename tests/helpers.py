@@ -65,7 +65,9 @@ def model_args(kwargs: dict) -> list[str]:
 
 
 # A fast config for runs of the tiny checkpoint: few mask steps, small units, 200 bootstrap resamples.
-FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8)
+# measure_swap on: the shared runs carry every score (swap_drop too), so the commands are tested on all of them
+FAST = Config(tp_ratio=0.8, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=200, top_k=3, batch_size=8,
+              measure_swap=True)
 
 
 def job(tmp_path, folder: str, checkpoint: tuple, name: str = "run", cfg=None, **kw):

@@ -24,7 +24,8 @@ from cigma_ray.rundir import open_run
 
 from helpers import cli, labelled_folder
 
-CFG = Config(tp_ratio=0.5, mask_steps=4, mask_batch=4, unit_images=4, bootstrap=200, top_k=2, batch_size=8)
+CFG = Config(tp_ratio=0.5, mask_steps=4, mask_batch=4, unit_images=4, bootstrap=200, top_k=2, batch_size=8,
+             measure_swap=True)
 
 
 

@@ -55,7 +55,7 @@ def test_swap_drop_terms_and_the_scores_a_scan_gives():
 
 def test_config_keys_of_mean_ablation_swap_and_objective():
     cfg = Config()
-    assert (cfg.ablation, cfg.measure_swap, cfg.objective) == ("zero", True, "conflict")
+    assert (cfg.ablation, cfg.measure_swap, cfg.objective) == ("zero", False, "conflict")
     assert {"ablation", "measure_swap"} <= set(Config.RESULT_KEYS) and "objective" not in Config.RESULT_KEYS
     with pytest.raises(ConfigError, match="ablation='half'.*zero .*or mean"):
         from_dict({"ablation": "half"})
@@ -63,4 +63,4 @@ def test_config_keys_of_mean_ablation_swap_and_objective():
         from_dict({"objective": "accuracy"})
     with pytest.raises(ConfigError, match="score='swap_drop' needs SWAP\\^\\(-h\\).*measure_swap: true"):
         from_dict({"score": "swap_drop", "measure_swap": False})
-    assert from_dict({"score": "swap_drop", "measure_fig": False}).score == "swap_drop"
+    assert from_dict({"score": "swap_drop", "measure_fig": False, "measure_swap": True}).score == "swap_drop"

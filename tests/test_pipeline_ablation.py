@@ -22,7 +22,7 @@ from cigma_ray.rundir import RunDir, RunMismatch, decode_fg, head_means, open_ru
 from helpers import labelled_folder, rankings
 
 CFG = Config(tp_ratio=1.0, mask_steps=4, mask_batch=4, unit_images=3, bootstrap=100, top_k=3, batch_size=8,
-             ablation="mean", score="swap_drop")
+             ablation="mean", score="swap_drop", measure_swap=True)
 
 
 

@@ -65,7 +65,7 @@ def test_plan_command_prints_every_number(tmp_path, capsys):
     for word in ("parameters 25.5", "per replica in bf16 on 2 x a100-40", "--gpus-per-replica 2", "4 replicas per 8-GPU node",
                  "D = 400", "1125 scanned", "language model runs in full", "(measured, --rate)", "GPU-hours"):
         assert word in out, (word, out)
-    assert "heads x D x 4, measure_fig, measure_swap" in out  # the default config measures FIG^(-h) and SWAP^(-h)
+    assert "heads x D x 3, measure_fig" in out  # the default config measures FIG^(-h), not SWAP^(-h)
     (tmp_path / "paper.yaml").write_text("measure_fig: false\nmeasure_swap: false\ntp_ratio: 0.5\n")
     assert main(["plan", "--model", f"hf:{path}", "--images", "1000", "--config", str(tmp_path / "paper.yaml")]) == 0
     out = capsys.readouterr().out

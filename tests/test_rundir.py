@@ -140,19 +140,3 @@ def test_out_an_existing_file_is_refused_before_the_model_loads(tmp_path, monkey
     assert "--out" in err and "is an existing file" in err and "unknown model family" not in err
     assert (tmp_path / "file").read_text() == "mine"
 
-
-def test_a_run_made_before_measure_swap_existed_reads_as_one_without_the_swap(tmp_path, image_folder, tiny_checkpoint):
-    """run.json without measure_swap (written before the key existed) ran without SWAP^(-h): it resumes with
-    measure_swap: false, is refused with today's default (true) instead of failing later on its masks, and
-    offers no swap_drop."""
-    old_cfg = FAST.replace(measure_swap=False)
-    Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=old_cfg), progress=False).run_all()
-    meta_path = tmp_path / "run" / "run.json"
-    meta = json.loads(meta_path.read_text())
-    del meta["config"]["measure_swap"]
-    meta_path.write_text(json.dumps(meta))
-    Pipeline(job(tmp_path, image_folder, tiny_checkpoint, cfg=old_cfg), progress=False).run_all()
-    with pytest.raises(RunMismatch, match="measure_swap: run has False, this command True"):
-        Pipeline(job(tmp_path, image_folder, tiny_checkpoint), progress=False)
-    run = open_run(str(tmp_path / "run"))
-    assert not run.config.measure_swap and "swap_drop" not in run.scores

@@ -19,7 +19,7 @@ from ..data import DataError, open_source
 from ..method import available_scores
 from ..models import load, spec_with_classes
 from ..progress import progress_bar
-from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out, read_manifest
+from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out
 from .adaptive import AdaptiveScan, lead_heads
 from .executor import LocalExecutor, UnitsFailed
 from .ranking import merge_rounds, rank_heads, score_matrices
@@ -210,7 +210,7 @@ class Pipeline:
 
 def run_status(run: RunDir) -> dict:
     """What a run has finished, what it still misses and what failed, from its files alone."""
-    meta = read_manifest(run)
+    meta = run.read_json("run.json")
     cfg = Config(**meta["config"])
     plan = meta["plan"]
     stages, damaged = {}, {}

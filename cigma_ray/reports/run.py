@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..method import SCORES, bir_summary
-from ..rundir import Run, RunDir, read_manifest
+from ..rundir import Run, RunDir
 from .tables import format_table
 
 
 def run_summary(run: RunDir) -> str:
-    meta = read_manifest(run)
+    meta = run.read_json("run.json")
     lines = [f"run       {run.url}",
              f"model     {meta['model']['name']} ({meta['model']['weights']}, {meta['precision']})",
              f"data      {meta['data']['url']} ({meta['data']['n_images']} images, {len(meta['data']['classes'])} classes)"]

@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from .. import __version__
-from ..config import Config, recorded_config
+from ..config import Config
 from ..models import ModelSpec, spec_from_options
 from .storage import RunDir
 
@@ -44,17 +44,11 @@ def build_manifest(config: Config, fingerprint: dict, heads_per_layer: list[int]
     }
 
 
-def read_manifest(run: RunDir) -> dict:
-    """run.json, with the config keys it predates filled in as that run behaved (config.recorded_config)."""
-    meta = run.read_json("run.json")
-    return {**meta, "config": recorded_config(meta["config"])}
-
-
 def check_compatible(run: RunDir, new: dict, out: str) -> None:
     """Refuse a run directory whose run.json has other result-changing settings than `new`."""
     if not run.exists("run.json"):
         return
-    old = read_manifest(run)
+    old = run.read_json("run.json")
     defaults = Config().to_dict()  # a key newer than the run: the run used its default
     diffs = [f"{k}: run has {old['config'].get(k, defaults[k])!r}, this command {new['config'][k]!r}"
              for k in Config.result_keys(new["config"]) if old["config"].get(k, defaults[k]) != new["config"][k]]

@@ -15,7 +15,7 @@ from ..data import DataError, ImageSource, open_source
 from ..engine import Replica
 from ..method import available_scores
 from ..models import LoadedModel, ModelError, ModelSpec, load
-from .manifest import read_manifest, scanned_model_spec
+from .manifest import scanned_model_spec
 from .means import head_means
 from .storage import RunDir, StorageError
 
@@ -58,7 +58,7 @@ class Run:
         if not self.dir.exists("run.json"):
             raise StorageError(f"{url} is not a run directory (no run.json); run `cigma-ray scan ... --out {url}` first")
         self.url = url
-        self.meta = read_manifest(self.dir)
+        self.meta = self.dir.read_json("run.json")
         self._rankings: pa.Table | None = None
 
     @cached_property
