@@ -98,6 +98,19 @@ def test_adaptive_top_k_equals_the_exhaustive_one_on_random_vits(tmp_path, kind,
         assert run.read_json("adaptive.json")["lead"]  # its best heads led
 
 
+def test_adaptive_scan_with_mean_ablation_equals_the_exhaustive_one(tmp_path):
+    """ablation: mean: every round's units substitute the heads' means over D (the same means/ stage as the
+    exhaustive scan's), and the pre-screen's gradients are those of mean ablation; the top K is the exhaustive
+    mean-ablation scan's."""
+    spec = random_vit(tmp_path, "vit", embed_dim=64, depth=4, num_heads=8)
+    data = labelled_folder(tmp_path / "data", spec, n=150, size=VIT_KINDS["vit"][1]["img_size"])
+    cfg = CFG.replace(ablation="mean")
+    exhaustive, pipeline = exhaustive_then_adaptive(tmp_path, spec, data, cfg, **ADAPTIVE, adaptive_order="screen")
+    check_same_top_k(exhaustive, pipeline)
+    run = RunDir(pipeline.job.out)
+    assert run.list("means") and run.read_json("adaptive.json")["finished"]
+
+
 def test_adaptive_scan_leaves_out_the_layers_a_vision_language_model_does_not_read(tmp_path):
     """LLaVA reads vision layer 0's output: layer 1's heads are in no round and not ranked (as in the exhaustive
     scan), and the pre-screen's lead heads are picked among the scanned ones."""
