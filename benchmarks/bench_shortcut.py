@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--heldout-images", type=int, default=256, help="masked held-out images for --auto-k "
                         "(default 256, prune --auto-k's)")
     parser.add_argument("--mask-steps", type=int, help="mask steps of the scan (default: the config's, 250)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON and the table go (default "
+                        "benchmarks/results)")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -299,13 +301,14 @@ def main() -> None:
               "data": {k: setup[k] for k in ("scan", "aligned", "conflicting")}, "model": dataclasses.asdict(setup["spec"]),
               "ablations": parts}
     result["proxy"] = proxy_agreement(parts)
-    RESULTS.mkdir(exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     cpu = "".join(ch if ch.isalnum() else "-" for ch in info["cpu"].lower()).strip("-")[:24]
     stem = f"shortcut-{name}-{platform.machine()}-{cpu}-{datetime.now().date().isoformat()}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
+    (results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
-    log(f"wrote {RESULTS / stem}.json and .md ({result['seconds']:.0f} s)")
+    log(f"wrote {results / stem}.json and .md ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,31 @@ def test_bench_bad_input_exits_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("cigma-ray bench: error:") and message in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_the_shortcut_benchmark_script_writes_its_tables(tmp_path):
+    """benchmarks/bench_shortcut.py (the README's score x ablation x K tables) end to end on the reduced scenes
+    benchmark with tiny settings: both ablations, every score, random heads, --auto-k's choices, the machine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_shortcut.py"
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(script), "--benchmark", "scenes", "--reduced", "--work",
+                           str(tmp_path / "work"), "--results", str(results), "--ks", "1", "--seeds", "2",
+                           "--mask-images", "8", "--heldout-images", "8", "--mask-steps", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = results.glob("shortcut-scenes-reduced-*.json")
+    result = json.loads(found.read_text())
+    assert set(result["ablations"]) == {"zero", "mean"} and result["machine"]["cpu"]
+    rows = result["ablations"]["zero"]["rows"]
+    assert {r["set"] for r in rows} == {"aligned", "conflicting"}
+    assert {"intact", "big_drop", "bir_drop", "big_minus_fig", "swap_drop", "random"} <= {r["control"] for r in rows}
+    choices = result["ablations"]["mean"]["auto_k"]["choices"]
+    assert {(c["objective"], c["max_clean_drop"]) for c in choices} == {(o, g) for o in ("conflict", "bir")
+                                                                        for g in (0.02, 0.05, 0.1)}
+    table = found.with_suffix(".md").read_text()
+    assert "#### zero ablation" in table and "#### mean ablation" in table and "--auto-k objective" in table
