@@ -124,6 +124,13 @@ def test_adaptive_scan_leaves_out_the_layers_a_vision_language_model_does_not_re
     got = check_same_top_k(exhaustive, pipeline)
     assert 1 not in set(got["layer"].to_pylist())
     assert run_status(RunDir(pipeline.job.out))["adaptive"]["finished"]
+    # `cigma-ray screen` on the exhaustive run: estimates of the scanned heads only, set against its exact scores
+    from cigma_ray.cli import main
+
+    assert main(["screen", exhaustive.job.out, "--quiet"]) == 0
+    screened = pq.read_table(os.path.join(exhaustive.job.out, "screen.parquet"))
+    assert list(zip(screened["layer"].to_pylist(), screened["head"].to_pylist())) == pipeline.adapter.scanned_heads
+    assert RunDir(exhaustive.job.out).read_json("screen.json")["fidelity"]
 
 
 def test_adaptive_top_k_equals_the_exhaustive_one_on_the_demo_model(tmp_path):

@@ -46,13 +46,11 @@ def run(s: Settings) -> int:
     pipeline = Pipeline(job, progress=not s.quiet)
     k = ranked.resolve_k(None)
     top = ranked.resolve_k(s.top, "--top") if s.top is not None else k
-    pipeline.run_stage("predict", pipeline.predict_units(), lambda u: len(u.image_ids), "img")
-    selected = pipeline.selected()
-    pipeline.run_stage("mask", pipeline.mask_units(selected), lambda u: len(u.image_ids), "img")
+    selected = pipeline.prepare()  # what the screen reads: D, its masks (and a mean-ablation run's means)
     start = time.perf_counter()
     estimates = pipeline.screen(selected)
     seconds = time.perf_counter() - start
-    heads = pipeline.adapter.heads
+    heads = pipeline.adapter.scanned_heads  # the estimates' order (skipped layers' heads are not screened)
     ranked.dir.write_table("screen.parquet", screen_ranking(heads, estimates))
     exact, why = None, None
     if not ranked.dir.exists("rankings.parquet"):

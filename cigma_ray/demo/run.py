@@ -24,6 +24,7 @@ from ..pipeline import Job, Pipeline
 from ..reports.pruning import auto_k_text, trade_off_table, write_sweep_figure
 from ..reports.run import top_heads_text
 from ..rundir import open_run
+from .scenes_train import SCENES_MODEL_KWARGS, SCENES_MODEL_NAME
 from .train import DEMO_MODEL_KWARGS, DEMO_MODEL_NAME
 
 ASSETS = Path(__file__).parents[1] / "assets"
@@ -67,21 +68,15 @@ class Benchmark:
                          model_kwargs={**self.model_kwargs, "pretrained_cfg_overlay": {"crop_pct": 1.0}})
 
 
-def _benchmarks() -> dict[str, Benchmark]:
-    from .scenes_train import SCENES_MODEL_KWARGS, SCENES_MODEL_NAME
-
-    return {"shapes": Benchmark(DEMO_MODEL_NAME, DEMO_MODEL_KWARGS, "demo_vit.pth", _shapes_data, "demo_data"),
-            "scenes": Benchmark(SCENES_MODEL_NAME, SCENES_MODEL_KWARGS, "scenes_vit.pth", _scenes_data,
-                                "scenes_data")}
-
-
-BENCHMARK_NAMES = ("shapes", "scenes")
+BENCHMARKS = {"shapes": Benchmark(DEMO_MODEL_NAME, DEMO_MODEL_KWARGS, "demo_vit.pth", _shapes_data, "demo_data"),
+              "scenes": Benchmark(SCENES_MODEL_NAME, SCENES_MODEL_KWARGS, "scenes_vit.pth", _scenes_data,
+                                  "scenes_data")}
 
 
 def benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARK_NAMES:
-        raise ConfigError(f"--benchmark {name!r}: use one of {', '.join(BENCHMARK_NAMES)}")
-    return _benchmarks()[name]
+    if name not in BENCHMARKS:
+        raise ConfigError(f"--benchmark {name!r}: use one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
 
 
 def demo_job(out: str, data_root: Path, name: str = "shapes") -> Job:

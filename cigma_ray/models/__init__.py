@@ -6,9 +6,9 @@ surgery.py and attention.py act on loaded models (zeroed or smaller weights, att
 """
 from . import timm_loader  # noqa: F401,I001 - registers the timm: family (first: the default in messages)
 from . import hf  # noqa: F401 - registers the hf: family
-from .base import HeadAdapter, ModelError, ModelSpec
+from .base import HeadAdapter, ModelError, ModelSpec, scanned_heads
 from .hf import spec_from_options, spec_with_classes
 from .registry import LoadedModel, check_name, load, register
 
-__all__ = ["HeadAdapter", "ModelError", "ModelSpec", "LoadedModel", "check_name", "load", "register",
+__all__ = ["HeadAdapter", "ModelError", "ModelSpec", "scanned_heads", "LoadedModel", "check_name", "load", "register",
            "spec_from_options", "spec_with_classes"]

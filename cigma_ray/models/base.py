@@ -127,6 +127,12 @@ class HeadGates:
             self.active = previous
 
 
+def scanned_heads(heads_per_layer: list[int], skipped=()) -> list[tuple[int, int]]:
+    """The (layer, head) pairs a scan measures: every head but those of the `skipped` layers."""
+    skipped = set(skipped)
+    return [(layer, h) for layer, n in enumerate(heads_per_layer) if layer not in skipped for h in range(n)]
+
+
 class HeadSums:
     """Per layer, the float64 sum of the output projection's inputs over every row it saw, and the row count.
     `paused` layers add nothing (a vision-language model's language model while it scores the answers)."""
@@ -182,8 +188,7 @@ class HeadAdapter:
     @property
     def scanned_heads(self) -> list[tuple[int, int]]:
         """The heads a scan measures: every head but those of the skipped layers."""
-        skipped = self.skipped_layers
-        return [(layer, h) for layer, h in self.heads if layer not in skipped]
+        return scanned_heads(self.heads_per_layer, self.skipped_layers)
 
     def logits(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The whole model's logits, with optional keep-masks {layer: (B, heads)}."""

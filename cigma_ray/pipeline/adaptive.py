@@ -24,6 +24,7 @@ import pyarrow as pa
 from ..config import Config
 from ..method.adaptive import AdaptiveTopK, Round, for_score
 from ..method.fidelity import top
+from ..models import scanned_heads
 from ..rundir import RunDir
 from .ranking import score_matrices
 from .units import Unit, layer_ranges, missing_units, shards
@@ -57,8 +58,7 @@ class AdaptiveScan:
         self.run, self.cfg = run, cfg
         self.selected = sorted(selected)
         self.heads_per_layer = heads_per_layer
-        skipped = set(skipped)  # layers whose heads cannot change the logits: not scanned
-        self.heads = [(layer, h) for layer, n in enumerate(heads_per_layer) if layer not in skipped for h in range(n)]
+        self.heads = scanned_heads(heads_per_layer, skipped)  # skipped layers' heads cannot change the logits
         self.position = {image: i for i, image in enumerate(self.selected)}
         self.state = new_state(cfg, len(self.heads), len(self.selected), lead)
 

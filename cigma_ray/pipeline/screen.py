@@ -21,7 +21,8 @@ def screen_units(selected: list[int], cfg: Config) -> list[Unit]:
 
 def screen_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]], images: list[int],
                     names: list[str]) -> dict[str, np.ndarray]:
-    """(heads, images) matrices of the screen's estimated terms of the named scores, read unit by unit."""
+    """(heads, images) matrices of the screen's estimated terms of the named scores, read unit by unit; a
+    screen file holds every head of the model, so rows of heads not in `heads` (skipped layers) are left out."""
     index = {h: i for i, h in enumerate(heads)}
     column = {image: j for j, image in enumerate(images)}
     needs_fig = any(name != "big_drop" for name in names)
@@ -31,6 +32,8 @@ def screen_matrices(run: RunDir, units: list[Unit], heads: list[tuple[int, int]]
     for unit in units:
         columns = ["image_id", "layer", "head", "grad_big", "big"] + (["grad_fig", "fig"] if needs_fig else [])
         t = run.read_table(unit.file, columns)
+        t = t.filter(np.array([(l, h) in index for l, h in zip(t["layer"].to_pylist(), t["head"].to_pylist())],
+                              dtype=bool))
         if needs_fig and t.num_rows and t.column("grad_fig").null_count:
             raise RuntimeError(f"{unit.file} has no dFIG/dg: the screen ran without measure_fig")
         r = np.array([index[(l, h)] for l, h in zip(t["layer"].to_pylist(), t["head"].to_pylist())], dtype=np.int64)

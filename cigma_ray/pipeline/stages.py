@@ -17,7 +17,7 @@ import pyarrow as pa
 from ..config import Config, ConfigError, resolve_k
 from ..data import DataError, open_source
 from ..method import available_scores
-from ..models import load, spec_with_classes
+from ..models import load, scanned_heads, spec_with_classes
 from ..progress import progress_bar
 from ..rundir import RunDir, StorageError, build_manifest, check_compatible, check_out
 from .adaptive import AdaptiveScan, lead_heads
@@ -142,6 +142,16 @@ class Pipeline:
                     [dict(kind="unit", unit=f.unit.file, stage=f.unit.stage, attempts=f.attempts, error=f.error)]))
             raise UnitsFailed(failures)
 
+    def prepare(self) -> list[int]:
+        """The stages before any ablation: predict, D, its masks and (ablation: mean) the heads' means; returns D."""
+        self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
+        selected = self.selected()
+        self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
+                       "img-step")  # ticks once per optimisation step of a unit's images
+        if self.cfg.ablation == "mean":  # the heads' means over D, on the intact model, before any ablation
+            self.run_stage("means", self.means_units(selected), lambda u: len(u.image_ids), "img")
+        return selected
+
     def run_all(self, executor=None) -> None:
         """Every stage in order, on `executor` (a Ray executor, say) or this pipeline's own; each stage skips
         what is already on disk."""
@@ -149,12 +159,7 @@ class Pipeline:
         try:
             if not self.run.exists("run.json"):
                 self.run.write_json("run.json", self.manifest)
-            self.run_stage("predict", self.predict_units(), lambda u: len(u.image_ids), "img")
-            selected = self.selected()
-            self.run_stage("mask", self.mask_units(selected), lambda u: len(u.image_ids) * max(1, self.cfg.mask_steps),
-                           "img-step")  # ticks once per optimisation step of a unit's images
-            if self.cfg.ablation == "mean":  # the heads' means over D, on the intact model, before any ablation
-                self.run_stage("means", self.means_units(selected), lambda u: len(u.image_ids), "img")
+            selected = self.prepare()
             if self.cfg.adaptive:
                 self.run_adaptive(selected)
                 return
@@ -169,19 +174,19 @@ class Pipeline:
             self.executor = own
 
     def screen(self, selected: list[int]) -> dict[str, np.ndarray]:
-        """The gradient pre-screen of D (screen/, skipped where done): per score the run has, each head's estimate."""
+        """The gradient pre-screen of D (screen/, skipped where done): per score the run has, each scanned head's
+        estimate (in adapter.scanned_heads' order)."""
         units = screen_units(selected, self.cfg)
         self.run_stage("screen", units, lambda u: len(u.image_ids), "img")
         names = available_scores(self.cfg.measure_fig)  # the screen has no background-swap view
-        return screen_scores(self.run, units, self.adapter.heads, sorted(selected), names)
+        return screen_scores(self.run, units, self.adapter.scanned_heads, sorted(selected), names)
 
     def run_adaptive(self, selected: list[int]) -> None:
         """The adaptive scan (pipeline/adaptive.py): its rounds' units on this pipeline's executor, then
         adaptive.json and rankings.parquet. With adaptive_order: screen, the pre-screen runs first."""
         lead = None
         if self.cfg.adaptive_order == "screen":
-            lead = scanned_lead(self.screen(selected)[self.cfg.score], self.adapter.heads_per_layer,
-                                self.adapter.skipped_layers, self.cfg)
+            lead = lead_heads(self.screen(selected)[self.cfg.score], self.cfg.k_of(len(self.adapter.scanned_heads)))
         scan = AdaptiveScan(self.run, self.cfg, selected, self.adapter.heads_per_layer, lead,
                             sorted(self.adapter.skipped_layers))
         for spec, units in scan.rounds():
@@ -255,19 +260,11 @@ def adaptive_status(run: RunDir, cfg: Config, selected: list[int], heads_per_lay
         stages_units.append(("screen", units))
         if missing_units(run, units):
             return None
-        heads = [(layer, h) for layer, n in enumerate(heads_per_layer) for h in range(n)]
+        heads = scanned_heads(heads_per_layer, skipped)
         estimates = screen_scores(run, units, heads, sorted(selected), [cfg.score])[cfg.score]
-        lead = scanned_lead(estimates, heads_per_layer, skipped, cfg)
+        lead = lead_heads(estimates, cfg.k_of(len(heads)))
     scan = AdaptiveScan(run, cfg, selected, heads_per_layer, lead, skipped)
     for spec, units in scan.rounds():
         stages_units.append((f"adaptive round {spec.index}", units))
     return scan.summary()
 
-
-def scanned_lead(estimates: np.ndarray, heads_per_layer: list[int], skipped, cfg: Config) -> np.ndarray:
-    """The screen's lead heads among the scanned ones (the screen estimates every head; skipped layers' heads
-    are not in the adaptive scan)."""
-    skipped = set(skipped)
-    keep = [i for i, (layer, _) in enumerate((l, h) for l, n in enumerate(heads_per_layer) for h in range(n))
-            if layer not in skipped]
-    return lead_heads(np.asarray(estimates)[keep], cfg.k_of(len(keep)))

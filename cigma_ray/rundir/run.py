@@ -14,7 +14,7 @@ from ..config import Config, ConfigError, from_dict, resolve_k
 from ..data import DataError, ImageSource, open_source
 from ..engine import Replica
 from ..method import available_scores
-from ..models import LoadedModel, ModelError, ModelSpec, load
+from ..models import LoadedModel, ModelError, ModelSpec, load, scanned_heads
 from .manifest import scanned_model_spec
 from .means import head_means
 from .storage import RunDir, StorageError
@@ -82,8 +82,7 @@ class Run:
     @property
     def heads(self) -> list[tuple[int, int]]:
         """The heads the run scanned: every head but those of the skipped layers."""
-        skipped = set(self.skipped_layers)
-        return [(layer, h) for layer, n in enumerate(self.heads_per_layer) if layer not in skipped for h in range(n)]
+        return scanned_heads(self.heads_per_layer, self.skipped_layers)
 
     @property
     def score(self) -> str:
