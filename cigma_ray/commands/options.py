@@ -273,6 +273,17 @@ class EvalOptions:
                    random_seeds=args.random_seeds, scores=args.scores, device=args.device,
                    checkpoint=args.checkpoint, quiet=args.quiet)
 
+    def reopen(self, ranked) -> tuple:
+        """(scanned run, scores, seeds): the --scores asked for, every --eval-data source checked before the model
+        loads, then the ranked run reopened with its model on --device, and the random draws' seeds."""
+        from ..evaluation import open_eval_source
+
+        scores = ranked.parse_scores(self.scores)
+        for url in self.eval_data:
+            open_eval_source(ranked, url)
+        scanned = ranked.reopen(check_device(self.device), self.checkpoint)
+        return scanned, scores, [scanned.cfg.seed + i for i in range(self.random_seeds)]
+
 
 def parse_ks(text: str) -> list[int]:
     """--k 0,4,8: sorted distinct K values."""

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..config import OBJECTIVES, ConfigError
-from .options import AUTO_K_MASK_IMAGES, EvalOptions, add_eval_args, add_run_arg, check_device, parse_ks
+from .options import AUTO_K_MASK_IMAGES, EvalOptions, add_eval_args, add_run_arg, parse_ks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
-    from ..evaluation import eval_sets, open_eval_source, prune
+    from ..evaluation import eval_sets, prune
     from ..reports.pruning import heads_lines, pruning_text
     from ..rundir import open_run
 
@@ -62,12 +62,8 @@ def run(s: Settings) -> int:
     if s.auto_k:
         return run_auto_k(s, ranked)
     k = ranked.resolve_k(s.k)
-    scores = ranked.parse_scores(s.eval.scores)
-    for url in s.eval.eval_data:  # listed and checked before the model loads
-        open_eval_source(ranked, url)
-    scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
+    scanned, scores, seeds = s.eval.reopen(ranked)
     sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
-    seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = prune(scanned, sets, k, seeds, scores, not s.eval.quiet)
     print(f"removing {k} heads together, the top by {', '.join(scores)}, against {k} random heads and the {k} "
           f"lowest by {scanned.cfg.score}:")
@@ -78,19 +74,15 @@ def run(s: Settings) -> int:
 
 
 def run_auto_k(s: Settings, ranked) -> int:
-    from ..evaluation import auto_k, default_k_grid, heldout_set, open_eval_source
+    from ..evaluation import auto_k, default_k_grid, heldout_set
     from ..reports.pruning import auto_k_text
 
     ks = default_k_grid(ranked.n_heads) if s.k_grid is None else list(s.k_grid)
     for k in ks:
         ranked.resolve_k(k, "--k-grid")
-    scores = ranked.parse_scores(s.eval.scores)
-    for url in s.eval.eval_data:  # listed and checked before the model loads
-        open_eval_source(ranked, url)
-    scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
+    scanned, scores, seeds = s.eval.reopen(ranked)
     max_drop = scanned.cfg.max_clean_drop if s.max_clean_drop is None else s.max_clean_drop
     objective = s.objective or scanned.cfg.objective
-    seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     data = heldout_set(scanned, s.eval.eval_data[0] if s.eval.eval_data else None, s.eval.mask_images,
                        not s.eval.quiet, swaps=objective == "conflict")
     print(f"choosing the score and K on held-out images, K in {', '.join(map(str, ks))}, scores {', '.join(scores)}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .options import EvalOptions, add_eval_args, add_run_arg, check_device, parse_ks
+from .options import EvalOptions, add_eval_args, add_run_arg, parse_ks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,19 +24,15 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(s: Settings) -> int:
-    from ..evaluation import eval_sets, open_eval_source, sweep
+    from ..evaluation import eval_sets, sweep
     from ..reports.pruning import heads_lines, pruning_text, write_sweep_figure
     from ..rundir import open_run
 
     ranked = open_run(s.eval.run)
     ranked.require_rankings("sweep")
     ks = [ranked.resolve_k(k, "--k", allow_zero=True) for k in s.ks]
-    scores = ranked.parse_scores(s.eval.scores)
-    for url in s.eval.eval_data:  # listed and checked before the model loads
-        open_eval_source(ranked, url)
-    scanned = ranked.reopen(check_device(s.eval.device), s.eval.checkpoint)
+    scanned, scores, seeds = s.eval.reopen(ranked)
     sets = eval_sets(scanned, list(s.eval.eval_data), s.eval.mask_images, not s.eval.quiet)
-    seeds = [scanned.cfg.seed + i for i in range(s.eval.random_seeds)]
     rows = sweep(scanned, sets, ks, seeds, scores, not s.eval.quiet)
     plot = write_sweep_figure(ranked.dir, rows, scanned.cfg.ci_level)
     print(f"removing K heads together for K = {', '.join(map(str, ks))}: the top K by {', '.join(scores)}, against "

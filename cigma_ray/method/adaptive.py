@@ -147,6 +147,13 @@ def population(score: str, big: np.ndarray | None = None, fig: np.ndarray | None
 
 
 # -- bounds on the mean of a finite population in [0, 1] ------------------------------------------
+def _deterministic(z: np.ndarray, n_total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sum, low, high) per row of z (heads, n) in [0, 1]: the interval every population allows, with the
+    N - n unseen images all at 0 or all at 1 (the exact mean once n = N)."""
+    total = z.sum(axis=1)
+    return total, total / n_total, (total + (n_total - z.shape[1])) / n_total
+
+
 def plugin_bets(z: np.ndarray, alpha: float) -> np.ndarray:
     """WSR's predictable plug-in bets l_t (t = 1..n) for rows of z in visiting order; l_t uses z_1..z_{t-1} only."""
     h, n = z.shape
@@ -191,8 +198,7 @@ def betting_interval(z: np.ndarray, n_total: int, alpha: float, bet_cap: float =
     """
     z = np.asarray(z, np.float64)
     h, n = z.shape
-    total = z.sum(axis=1)
-    det_low, det_high = total / n_total, (total + (n_total - n)) / n_total
+    total, det_low, det_high = _deterministic(z, n_total)
     if n == n_total or h == 0:
         return det_low, det_high
     mean = np.clip(total / n, det_low, det_high)
@@ -240,8 +246,7 @@ def hoeffding_serfling_interval(z: np.ndarray, n_total: int, alpha: float) -> tu
     (alpha/2 a side), for rows of z (heads, n) in [0, 1], intersected with the deterministic interval."""
     z = np.asarray(z, np.float64)
     h, n = z.shape
-    total = z.sum(axis=1)
-    det_low, det_high = total / n_total, (total + (n_total - n)) / n_total
+    total, det_low, det_high = _deterministic(z, n_total)
     if n == n_total or h == 0:
         return det_low, det_high
     rho = 1 - (n - 1) / n_total if n <= n_total / 2 else (1 - n / n_total) * (1 + 1 / n)
