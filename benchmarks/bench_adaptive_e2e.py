@@ -1,11 +1,12 @@
 """Is `scan --adaptive` faster end to end than the exhaustive scan? Timed on a finished exhaustive run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_adaptive_e2e.py RUN [--orders none,screen] [--repeats 1] [--json FILE]
+    OMP_NUM_THREADS=1 python benchmarks/bench_adaptive_e2e.py RUN [--orders none,screen] [--repeats 1] [--whole]
+                                                            [--json FILE]
 
 For each variant (the exhaustive scan, and the adaptive scan with each --order), a fresh run directory gets
 RUN's predictions/ and masks/ (the predict and mask stages are the same for every variant, so they are not
-timed again; their time is RUN's own) and the scan command's pipeline runs in this process, as `cigma-ray scan`
-runs it: the model load, the rounds (for the adaptive scan: the pre-screen with --order screen, every round's
+timed again; their time is RUN's own; with --whole they are run and timed too: the whole scan command on RUN's
+model, data and config) and the scan command's pipeline runs in this process, as `cigma-ray scan` runs it: the model load, the rounds (for the adaptive scan: the pre-screen with --order screen, every round's
 units, reading each round back, the decisions) and the ranking. Variants run in turn, `--repeats` times, each
 keeping its best time. Both the wall time and this process's CPU time are kept: on a machine shared with other
 jobs the wall time follows their load, while the CPU time (one thread: OMP_NUM_THREADS=1) follows the work;
@@ -29,12 +30,13 @@ from cigma_ray.pipeline import Job, Pipeline
 from cigma_ray.rundir import RunDir, open_run
 
 
-def timed_scan(run_url: str, out: Path, adaptive: dict) -> tuple[float, float, dict | None]:
-    """Wall and CPU seconds of the scan command's pipeline on RUN's predictions and masks, and the adaptive summary."""
+def timed_scan(run_url: str, out: Path, adaptive: dict, whole: bool = False) -> tuple[float, float, dict | None]:
+    """Wall and CPU seconds of the scan command's pipeline on RUN's predictions and masks (whole: from nothing),
+    and the adaptive summary."""
     run = open_run(run_url)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for folder in ("predictions", "masks"):
+    for folder in () if whole else ("predictions", "masks"):
         shutil.copytree(Path(run.dir.path(folder)), out / folder)
     job = Job.of_run(run.meta, str(out))
     cfg = run.config.replace(**adaptive) if adaptive else run.config
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orders", default="none,screen", help="adaptive variants to time (adaptive_order values)")
     p.add_argument("--delta", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--whole", action="store_true", help="also run and time the predict and mask stages")
     p.add_argument("--json")
     args = p.parse_args(argv)
     run = open_run(args.run)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for i, (name, keys) in enumerate(variants.items()):
                 out = Path(tmp) / f"v{i}"
-                seconds, cpu, summaries[name] = timed_scan(args.run, out, keys)
+                seconds, cpu, summaries[name] = timed_scan(args.run, out, keys, args.whole)
                 best[name] = min(best.get(name, float("inf")), seconds)
                 best_cpu[name] = min(best_cpu.get(name, float("inf")), cpu)
                 if keys:
@@ -86,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26} {cpu:8.1f} {base / cpu:13.2f}x {best[name]:8.1f} {pairs}")
         rows.append({"scan": name, "cpu_seconds": cpu, "wall_seconds": best[name], "speedup_cpu": base / cpu,
                      "speedup_wall": best["exhaustive"] / best[name], "adaptive": s})
-    print("(every adaptive top-K set equals the exhaustive one; predict and mask stages excluded: the same for all)")
+    print("(every adaptive top-K set equals the exhaustive one; "
+          + ("predict and mask stages included)" if args.whole else "predict and mask stages excluded: the same for all)"))
     if args.json:
         Path(args.json).write_text(json.dumps({"run": args.run, "k": k, "delta": args.delta, "repeats": args.repeats,
-                                               "rows": rows, "machine": machine()}, indent=1) + "\n")
+                                               "whole": args.whole, "rows": rows, "machine": machine()},
+                                              indent=1) + "\n")
     return 0
 
 

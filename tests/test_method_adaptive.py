@@ -12,11 +12,12 @@ from cigma_ray.method.adaptive import (
     betting_interval,
     exhaustive_top_k,
     for_score,
+    heavy_count,
     hoeffding_serfling_interval,
-    population,
     replay,
     replay_resampled,
     round_ends,
+    term_bounds,
     visit_order,
 )
 
@@ -84,8 +85,8 @@ def test_betting_interval_is_tight_for_concentrated_values_and_widens_with_rare_
 
 
 def test_state_intervals_cover_true_means_at_every_round():
-    """The state's intervals (with offsets and running intersection) cover every head's exhaustive
-    mean after every round, over many visiting orders."""
+    """The state's intervals (with per-image bounds and heavy images, leaders, and the running intersection)
+    cover every head's exhaustive mean after every round, over many visiting orders."""
     rng = np.random.default_rng(2)
     h, n = 12, 300
     big = rng.uniform(0, 0.3, n)
@@ -93,8 +94,8 @@ def test_state_intervals_cover_true_means_at_every_round():
     values = np.maximum(values, big[None, :] - LN2)
     truth = values.mean(axis=1)
     for seed in range(20):
-        for offsets, (low, high) in ((None, (-LN2, LN2)), (big, (-LN2, 0.0))):
-            state = AdaptiveTopK(h, n, 3, low=low, high=high, offsets=offsets, delta=0.1, seed=seed, first=8)
+        for bounds in (None, term_bounds("big_drop", big)):
+            state = AdaptiveTopK(h, n, 3, low=-LN2, high=LN2, bounds=bounds, delta=0.1, seed=seed, first=8)
             spec = state.next_round()
             while spec is not None:
                 spec = state.update([values[np.ix_(b.heads, b.images)] for b in spec.blocks])
@@ -161,15 +162,46 @@ def test_separated_heads_are_decided_early_and_saving_grows_with_n():
     means = np.concatenate([rng.uniform(0.03, 0.08, k), rng.normal(0, 0.0005, h - k)])
     m = np.minimum(big[None, :], means[:, None] * big[None, :] / big.mean() + rng.normal(0, 0.002, (h, n)))
     m = np.maximum(m, big[None, :] - LN2)
-    offsets, low, high = population("big_drop", big)
-    res = replay(m, k, low=low, high=high, offsets=offsets)
-    assert res.extra["matched"] and res.saving > 3
+    bounds = term_bounds("big_drop", big)
+    res = replay(m, k, low=-LN2, high=LN2, bounds=bounds)
+    assert res.extra["matched"] and res.saving > 3 and res.extra["heavy"] > 0
     assert (res.decided == "out").sum() > h - k - 5
-    plain = replay(m, k, low=-LN2, high=LN2)
-    assert plain.extra["matched"] and plain.saving > 2  # here BIG varies little, and the offsets do better
-    rows = replay_resampled(m[:, :500], k, low=low, high=high, offsets=offsets[:500], scales=(1, 8))
+    plain = replay(m, k, low=-LN2, high=LN2, lead_ahead=0)  # no bounds, no leaders: the plain schedule
+    assert plain.extra["matched"] and 2 < plain.saving < res.saving
+    rows = replay_resampled(m[:, :500], k, low=-LN2, high=LN2, bounds=(bounds[0][:500], bounds[1][:500]),
+                            scales=(1, 8))
     assert all(r["matched"] for r in rows)
     assert rows[1]["saving"] > rows[0]["saving"]
+
+
+def test_heavy_images_come_first_and_bound_the_rest():
+    """The images of the largest upper bounds are visited first, the rest in the seeded random order; a term
+    outside its image's bounds is an error, never clipped; where BIG is ~0 on most images a head that barely
+    matters leaves once the few heavy images are measured."""
+    rng = np.random.default_rng(11)
+    h, n, k = 24, 150, 3
+    big = np.where(rng.random(n) < 0.2, rng.uniform(0.05, 0.5, n), rng.uniform(0, 2e-4, n))
+    effect = np.concatenate([np.full(k, 0.3), rng.uniform(0, 0.02, h - k)])
+    m = big[None, :] * effect[:, None] * rng.uniform(0.5, 1.5, (h, n))  # drops of at most BIG_i
+    bounds = term_bounds("big_drop", big)
+    heavy = heavy_count(bounds[1], h, 0.05)
+    assert 0 < heavy < n // 2
+    order = visit_order(n, 0, bounds[1], heavy)
+    assert sorted(order.tolist()) == list(range(n))
+    assert set(order[:heavy].tolist()) == set(np.argsort(-big, kind="stable")[:heavy].tolist())
+    np.testing.assert_array_equal(visit_order(n, 0), visit_order(n, 0, bounds[1], 0))
+    res = replay(m, k, low=-LN2, high=LN2, bounds=bounds)
+    assert res.extra["matched"] and res.extra["heavy"] == heavy and res.saving > 1.5
+    assert replay(m, k, low=-LN2, high=LN2).saving < 1.2  # the range alone: nothing leaves before D is exhausted
+    state = AdaptiveTopK(h, n, k, low=-LN2, high=LN2, bounds=bounds)
+    spec = state.next_round()
+    wrong = [m[np.ix_(b.heads, b.images)] for b in spec.blocks]
+    wrong[0][0, 0] = big[spec.blocks[0].images[0]] + 0.01  # a drop larger than the image's BIG
+    with pytest.raises(ValueError, match="outside"):
+        state.update(wrong)
+    assert term_bounds("bir_drop", big, big) is None and term_bounds("big_minus_fig", big) is None
+    low, high = term_bounds("big_minus_fig", big, big / 2)
+    np.testing.assert_allclose(high - low, 2 * LN2 + 2e-5)
 
 
 def test_measure_in_gives_the_top_k_exact_scores():
@@ -224,52 +256,52 @@ def test_state_api_checks_and_is_a_pure_function_of_its_inputs():
         AdaptiveTopK(3, 10, 4, low=0, high=1)
     with pytest.raises(ValueError, match="delta"):
         AdaptiveTopK(3, 10, 1, low=0, high=1, delta=0)
-    with pytest.raises(ValueError, match="offsets"):
-        AdaptiveTopK(3, 10, 1, low=0, high=1, offsets=np.zeros(9))
+    with pytest.raises(ValueError, match="bounds"):
+        AdaptiveTopK(3, 10, 1, low=0, high=1, bounds=(np.zeros(9), np.ones(9)))
 
 
-def test_for_score_takes_the_scores_population():
+def test_for_score_takes_the_scores_range_and_bounds():
     big, fig = np.array([0.1, 0.0, 0.3]), np.array([0.1, 0.0, 0.1])
     state = for_score("big_drop", 1000, 3, 20, big=big)
-    assert state.k == 20 and (state.low, state.high) == (-LN2, LN2) and state.offsets is None
-    state = for_score("big_drop", 1000, 3, 20, big=big, offsets=True)
-    assert (state.low, state.high) == (-LN2, 0.0)
-    np.testing.assert_array_equal(state.offsets, big)
-    offsets, low, high = population("bir_drop", big, fig)
-    np.testing.assert_allclose(offsets, [0.5, 0.0, 0.75])
-    assert (low, high) == (-1.0, 0.0)
-    assert population("big_minus_fig", big, fig) == (None, -2 * LN2, 2 * LN2)
-    assert population("big_drop") == (None, -LN2, LN2)
+    assert state.k == 20 and (state.low, state.high) == (-LN2, LN2) and state.bounded
+    np.testing.assert_allclose(state.image_high, big + 1e-5)
+    state = for_score("bir_drop", 1000, 3, 20, big=big, fig=fig)
+    assert (state.low, state.high) == (-1.0, 1.0) and not state.bounded and state.heavy == 0
+    assert not for_score("big_drop", 10, 3, 2).bounded
     assert for_score("bir_drop", 72, 3, 16).k == 16
     with pytest.raises(ValueError, match="top K=100"):
         for_score("big_drop", 72, 3, 100)
 
 
-def test_lead_heads_run_ahead_and_never_change_the_top_k():
-    """Lead heads (the pre-screen's best, or any set: a poor screen costs forwards, never the answer) are
-    measured lead_rounds slots of the schedule ahead of the rest; the top-K set stays the exhaustive one."""
+def test_leaders_run_ahead_and_never_change_the_top_k():
+    """Leaders (the given ones in the first round, e.g. the pre-screen's best, or any set: a poor screen costs
+    forwards, never the answer; then the K undecided heads of the highest running means) are measured lead_ahead
+    slots of the schedule ahead of the rest; the top-K set stays the exhaustive one."""
     rng = np.random.default_rng(8)
     for name, matrix, k, low, high in random_cases():
         truth = set(exhaustive_top_k(matrix, k).tolist())
         h = matrix.shape[0]
-        for lead in (exhaustive_top_k(matrix, min(h, 2 * k)), rng.permutation(h)[: max(1, h // 4)]):
-            res = replay(matrix, k, low=low, high=high, first=4, lead=lead, lead_rounds=3)
+        for lead, ahead in ((exhaustive_top_k(matrix, min(h, 2 * k)), 3), (rng.permutation(h)[: max(1, h // 4)], 3),
+                            (None, 0), (None, 20)):
+            res = replay(matrix, k, low=low, high=high, first=4, lead=lead, lead_ahead=ahead)
             assert res.extra["matched"], name
             assert not truth & set(np.flatnonzero(res.decided == "out").tolist()), name
             full = res.n == matrix.shape[1]
             np.testing.assert_array_equal(res.mean[full], matrix[full].mean(axis=1))
-    state = AdaptiveTopK(10, 200, 2, low=-LN2, high=LN2, first=10, lead=np.array([3, 7]), lead_rounds=2)
-    spec = state.next_round()
-    assert [b.heads.tolist() for b in spec.blocks] == [[3, 7]] and spec.blocks[0].slot == 0
-    spec = state.update(np.zeros((2, 10)))
-    assert [b.heads.tolist() for b in spec.blocks] == [[3, 7]] and spec.blocks[0].slot == 1
-    spec = state.update(np.zeros((2, 2)))  # slots end at 10, 12, 14, ... images
-    assert [b.slot for b in spec.blocks] == [0, 2] and len(spec.blocks[0].heads) == 8
-    assert spec.blocks[1].heads.tolist() == [3, 7] and len(spec.blocks[0].images) == 10
+    state = AdaptiveTopK(10, 200, 2, low=-LN2, high=LN2, first=10, lead=np.array([3, 7]), lead_ahead=2)
+    assert state.ends[:4] == [10, 12, 14, 17]
+    spec = state.next_round()  # the given leaders 2 slots further than the rest
+    assert [(b.start, b.stop, b.heads.tolist()) for b in spec.blocks] == [(0, 1, [0, 1, 2, 4, 5, 6, 8, 9]),
+                                                                          (0, 3, [3, 7])]
+    assert [len(b.images) for b in spec.blocks] == [10, 14]
     with pytest.raises(ValueError, match="2 block"):
         state.update(np.zeros((8, 10)))
-    spec = state.update([np.zeros((8, 10)), np.zeros((2, 2))])
-    assert (state.n[[3, 7]] == 14).all() and (state.n[[0, 1]] == 10).all()
+    rest = np.zeros((8, 10))
+    rest[[4, 5]] = 0.1  # heads 5 and 6 now have the highest running means: they lead
+    spec = state.update([rest, np.zeros((2, 14))])
+    assert (state.n[[3, 7]] == 14).all() and (state.n[[0, 5]] == 10).all()
+    assert [(b.start, b.stop, b.heads.tolist()) for b in spec.blocks] == [(1, 2, [0, 1, 2, 4, 8, 9]), (1, 4, [5, 6])]
+    assert spec.blocks[1].images.tolist() == state.order[10:17].tolist()
 
 
 @pytest.mark.parametrize("delta", [0.1, 0.3])
@@ -285,7 +317,12 @@ def test_the_guarantee_holds_at_its_stated_rate_on_hard_populations(delta):
     m[k, rng.permutation(n)[:2]] = LN2  # head k: mean 0.0025 from two spikes a partial scan can miss
     m[k + 1] = 0.019 + rng.normal(0, 0.02, n)  # just below the top K, noisy
     truth = set(exhaustive_top_k(m, k).tolist())
+    # per-image bounds: tight on most images, the range's end on a quarter of them, the spikes among those,
+    # so that the heavy images visited first need not hold the spikes
+    high = np.where(rng.random(n) < 0.25, LN2, m.max(axis=0) + 0.01)
+    high[m[k] == LN2] = LN2
     seeds = 150
-    wrong = sum(set(replay(m, k, low=-LN2, high=LN2, delta=delta, seed=s, first=8).top_k.tolist()) != truth
-                for s in range(seeds))
-    assert wrong / seeds <= delta + 3 * math.sqrt(delta * (1 - delta) / seeds)
+    for bounds in (None, (m.min(axis=0) - 0.01, high)):
+        wrong = sum(set(replay(m, k, low=-LN2, high=LN2, delta=delta, seed=s, first=8, bounds=bounds).top_k.tolist())
+                    != truth for s in range(seeds))
+        assert wrong / seeds <= delta + 3 * math.sqrt(delta * (1 - delta) / seeds)

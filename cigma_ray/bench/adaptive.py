@@ -10,8 +10,8 @@ import numpy as np
 
 from ..config import ConfigError
 from ..method import available_scores
-from ..method.adaptive import population, replay, replay_resampled
-from ..pipeline.adaptive import LEAD_ROUNDS, lead_heads
+from ..method.adaptive import SCORE_RANGES, replay, replay_resampled, term_bounds
+from ..pipeline.adaptive import lead_heads
 from ..pipeline.ranking import score_matrices
 from ..pipeline.units import scan_units
 from ..rundir import Run, open_run
@@ -72,14 +72,16 @@ def replay_bench(s: AdaptiveBench) -> dict:
             raise ConfigError(f"--order screen: {run.url} has no screen.parquet; run `cigma-ray screen {run.url}` first")
         estimates = run.dir.read_table("screen.parquet").sort_by([("layer", "ascending"), ("head", "ascending")])
         lead = lead_heads(estimates[score].to_numpy(), k)
-    _, low, high = population(score)
+    low, high = SCORE_RANGES[score]
+    masks = run.masks(["image_id", "big"] + (["fig"] if cfg.measure_fig else []))
+    bounds = term_bounds(score, masks["big"].to_numpy(), masks["fig"].to_numpy() if cfg.measure_fig else None)
     options = dict(delta=s.delta, first=s.first or cfg.adaptive_first, growth=s.growth or cfg.adaptive_growth,
-                   bet_cap=s.bet_cap, bound=s.bound, lead=lead, lead_rounds=LEAD_ROUNDS if lead is not None else 0)
+                   bet_cap=s.bet_cap, bound=s.bound, lead=lead, bounds=bounds)
     views = 3 if cfg.measure_fig else 2
     start = time.perf_counter()
     res = replay(matrix, k, low=low, high=high, seed=cfg.seed, **options)
     rows = [{"scale": "D", "resample": 0, "images": len(ids), "pairs": res.pairs, "exhaustive_pairs": res.exhaustive_pairs,
-             "saving": res.saving, "matched": res.extra["matched"], "rounds": res.rounds}]
+             "saving": res.saving, "matched": res.extra["matched"], "rounds": res.rounds, "heavy": res.extra["heavy"]}]
     rows += replay_resampled(matrix, k, low=low, high=high, scales=s.scales, resamples=s.resamples, seed=cfg.seed,
                              **options)
     for r in rows:

@@ -1,9 +1,32 @@
 """Adaptive scan: the exhaustive top-K heads for a fraction of the ablated forwards (pure math, numpy only).
 
 A head's score is the mean over the N images of D of a bounded per-image term (`method.scores`).
-The images are visited in a seeded random order, in rounds of growing size; after each round every
-head still in play gets an interval that holds, with probability at least 1 - delta for all heads
-and all rounds together, the head's exhaustive score (its mean over all N images of D):
+The images are visited in an order fixed before the scan (below), in rounds of growing size; after each
+round every head measured gets an interval that holds, with probability at least 1 - delta for all heads
+and all rounds together, the head's exhaustive score (its mean over all N images of D).
+
+Per-image bounds and the heavy images first
+-------------------------------------------
+The mask stage measured BIG_i (and FIG_i) of every image of D before the scan, and they bound every head's
+term on image i (`term_bounds`): big_drop = BIG_i - BIG_i^(-h) lies in [BIG_i - ln 2, BIG_i], so an image
+whose prediction barely depends on its background cannot hold a large drop for any head. The range of the
+term, not its spread, is what keeps a head that barely matters in the scan (a bound valid for every
+population must allow for a few unseen images at the range's end), so the order starts with the `heavy`
+images of the largest upper bounds (`heavy_count`: a cost model on the bounds alone), measured exactly for
+every head, and then visits the other N_L images in a seeded uniformly random order. A head's interval after
+n images is then (its heavy images' terms, exactly, plus N_L x the confidence sequence's interval for the
+mean of its light images, whose range is the light images' bounds) / N, intersected with the deterministic
+interval of its seen terms plus the unseen images' own bounds. On the demo (BIG below 2e-4 on three
+quarters of D) this turns a scan that could decide nothing before D was exhausted into one that needs about
+half the forwards. Without bounds (bir_drop) there are no heavy images and every image has the score's range.
+
+Leaders
+-------
+Each head's confidence sequence is valid uniformly over its own number of images, so how far each head is
+measured may depend on anything seen so far. A head leaves once its upper end is below the K-th largest
+lower end, so the scan measures the K undecided heads of the highest running means (the leaders; in the
+first round, the given `lead`, e.g. the pre-screen's best) LEAD_AHEAD slots of the schedule ahead of the
+rest: their lower ends rise early, and the rest leave sooner.
 
 Bound: a betting confidence sequence for sampling without replacement
 ---------------------------------------------------------------------
@@ -11,8 +34,8 @@ Waudby-Smith & Ramdas (WSR), "Confidence sequences for sampling without replacem
 (arXiv:2006.04347), and "Estimating means of bounded random variables by betting", JRSS-B 2023
 (arXiv:2010.09686): capital processes for sampling without replacement, predictable plug-in bets.
 
-Rescale a head's terms to z = (x - c - low) / (high - low) in [0, 1] (`c` is an optional known
-per-image part of the term, see `population`). The population z_1..z_N has mean mu; the images
+Rescale a head's terms on the light images to z = (x - low) / (high - low) in [0, 1] (low, high: the
+light images' bounds). The population z_1..z_N has mean mu (N here: the light images); the images
 are drawn uniformly without replacement, Z_1, Z_2, .... For a candidate mean m, if mu = m then
 the mean of the images not drawn yet is
 
@@ -68,7 +91,8 @@ stops when K heads are in or all but K are out; when D is exhausted the interval
 means and the rest is decided by them, with ties broken as the exhaustive ranking breaks them
 (lower head index first; `scores.ranks`). So with probability at least 1 - delta the adaptive
 top-K set is the exhaustive scan's top-K set on the same D and masks (the probability is over
-the seeded visiting order; D, its masks and every term are fixed).
+the seeded visiting order of the light images; D, its masks and every term are fixed, and so are the heavy
+images, chosen from the masks alone).
 """
 from __future__ import annotations
 
@@ -89,6 +113,9 @@ SCORE_RANGES = {
     "big_minus_fig": (-2 * LN2, 2 * LN2),
 }
 BOUNDS = ("betting", "hoeffding_serfling")
+BOUND_TOL = 1e-5  # JS values are computed in fp32: an ablated BIG can come out a few 1e-8 below 0 or above ln 2
+THETA_SHARE = 0.1  # heavy_count's guess of the K-th score, as a share of the mean per-image upper bound
+LEAD_AHEAD = 8  # slots of the schedule the current leaders are measured ahead of the rest (x1.2 each: about 4.3x)
 
 
 def round_ends(n_images: int, first: int = 32, growth: float = 1.2) -> list[int]:
@@ -111,39 +138,57 @@ def round_ends(n_images: int, first: int = 32, growth: float = 1.2) -> list[int]
         n = end * growth
 
 
-def visit_order(n_images: int, seed: int) -> np.ndarray:
-    """The seeded uniformly random order in which the images of D (positions 0..N-1) are visited."""
-    return np.random.default_rng([seed, 0x13]).permutation(n_images)
+def visit_order(n_images: int, seed: int, high: np.ndarray | None = None, heavy: int = 0) -> np.ndarray:
+    """The order in which the images of D (positions 0..N-1) are visited: the `heavy` images with the largest
+    upper bounds `high` first (largest first, ties to the lower position), then the rest in a seeded uniformly
+    random order (with heavy = 0, all of D)."""
+    rest = np.arange(n_images)
+    first = np.zeros(0, dtype=np.int64)
+    if heavy:
+        first = np.argsort(-np.asarray(high, np.float64), kind="stable")[:heavy]
+        rest = np.setdiff1d(rest, first)
+    return np.concatenate([first, rest[np.random.default_rng([seed, 0x13]).permutation(len(rest))]])
 
 
-def population(score: str, big: np.ndarray | None = None, fig: np.ndarray | None = None
-               ) -> tuple[np.ndarray | None, float, float]:
-    """(offsets, low, high) for a score: the term x_i of a head on image i is offsets_i + r_i with
-    r_i in [low, high] and offsets known before the scan (from the mask stage's BIG_i, FIG_i of D).
+def term_bounds(score: str, big: np.ndarray | None = None, fig: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low_i, high_i) per image of D: bounds every head's term obeys on image i, known before the scan from the
+    mask stage's BIG_i (and FIG_i), or None where there are none but the score's range (SCORE_RANGES).
 
-    big_drop: x_i = BIG_i - BIG_i^(-h), so with offsets BIG_i the rest -BIG_i^(-h) is in [-ln 2, 0];
-    bir_drop: offsets BIR_i (0 where undefined, since the term is then 0), rest -BIR_i^(-h) in
-    [-1, 0]. big_minus_fig has no such one-sided part, and without `big` every score uses its full
-    range with no offsets (SCORE_RANGES).
-
-    Opt-in (`for_score(offsets=True)`): the rest's range is half as wide and a head that barely
-    matters sits near its top, which tightens upper bounds when BIG varies little across images
-    (the synthetic tests); but the rest then varies as much as BIG itself does, and on a real run
-    (BIG from 0 to 0.63 over D) that made the replay's saving 4x smaller than the plain terms'.
+    big_drop = BIG_i - BIG_i^(-h) with BIG_i^(-h) a JS divergence in [0, ln 2]: in [BIG_i - ln 2, BIG_i], so an
+    image the prediction barely depends on the background of cannot hold a large drop for any head.
+    big_minus_fig: in [BIG_i - FIG_i - ln 2, BIG_i - FIG_i + ln 2]. bir_drop has none: a ratio of two JS values near
+    0 can leave [0, 1] by rounding. Each bound is widened by BOUND_TOL for the fp32 rounding of the JS values;
+    a measured term outside it is an error (`AdaptiveTopK.update`), never clipped.
     """
     if score not in SCORE_RANGES:
         raise ValueError(f"unknown score {score!r}; one of {', '.join(SCORE_RANGES)}")
-    if big is None or score == "big_minus_fig":
-        return (None, *SCORE_RANGES[score])
-    big = np.asarray(big, np.float64)
+    if big is None or score == "bir_drop" or (score == "big_minus_fig" and fig is None):
+        return None
+    centre = np.asarray(big, np.float64)
     if score == "big_drop":
-        return big, -LN2, 0.0
-    if fig is None:
-        return (None, *SCORE_RANGES[score])
-    fig = np.asarray(fig, np.float64)
-    total = fig + big
-    bir = np.divide(big, total, out=np.zeros_like(big), where=total > 0)
-    return bir, -1.0, 0.0
+        low, high = centre - LN2, centre
+    else:
+        centre = centre - np.asarray(fig, np.float64)
+        low, high = centre - LN2, centre + LN2
+    return low - BOUND_TOL, high + BOUND_TOL
+
+
+def heavy_count(high: np.ndarray, n_heads: int, delta: float, bet_cap: float = 0.9) -> int:
+    """How many images of D, those with the largest upper bounds, every head is measured on first (see the module
+    docstring). A cost model on the bounds alone, so it changes what a scan costs, never what it finds: a head
+    scoring about 0 leaves once its upper bound is below the K-th score theta; with the first n images measured
+    exactly, the rest need about (share of D left) x (their largest bound) x log(2H / delta) / (bet_cap x theta)
+    images. theta, unknown before the scan, is taken as THETA_SHARE of the mean bound (0.12 on the 320-head
+    reference run, 0.02 on the demo). The n with the least images in all."""
+    high = np.sort(np.maximum(np.asarray(high, np.float64), 0.0))[::-1]
+    n_images = len(high)
+    theta = THETA_SHARE * high.mean() if n_images else 0.0
+    if theta <= 0:
+        return 0
+    n = np.arange(n_images)
+    rest = (n_images - n) / n_images * high * math.log(2 * n_heads / delta) / (bet_cap * theta)
+    return int(np.argmin(n + np.minimum(n_images - n, rest)))
 
 
 # -- bounds on the mean of a finite population in [0, 1] ------------------------------------------
@@ -258,17 +303,18 @@ def hoeffding_serfling_interval(z: np.ndarray, n_total: int, alpha: float) -> tu
 # -- top-K identification ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Block:
-    """Part of a round: these heads (indices 0..H-1) on the images of one slot of the schedule
-    (positions 0..N-1 of D, in visiting order: order[ends[slot - 1]:ends[slot]])."""
+    """Part of a round: these heads (indices 0..H-1) on the images of slots start..stop-1 of the schedule
+    (positions 0..N-1 of D, in visiting order: order[ends[start - 1]:ends[stop - 1]], from 0 when start = 0)."""
 
     heads: np.ndarray
     images: np.ndarray
-    slot: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
 class Round:
-    """What the scan measures next: one block, or two while lead heads run ahead of the rest."""
+    """What the scan measures next: one block per (slots done, slots to reach) pair of its heads."""
 
     index: int
     blocks: tuple[Block, ...]
@@ -280,12 +326,14 @@ class Round:
 
 @dataclass
 class AdaptiveResult:
-    """Per head (arrays of length H): the mean over the n images it was measured on (the exhaustive
-    score where n = N), n, the interval used to decide, and how it was decided."""
+    """Per head (arrays of length H): the estimate of its exhaustive score from the n images it was measured on
+    and its standard error (`AdaptiveTopK.estimates`; the exhaustive score where n = N), n, the interval used to
+    decide, and how it was decided."""
 
     k: int
     top_k: np.ndarray  # the K head indices, best mean first
     mean: np.ndarray
+    stderr: np.ndarray
     n: np.ndarray
     ci_low: np.ndarray
     ci_high: np.ndarray
@@ -316,20 +364,23 @@ class AdaptiveTopK:
 
     The driver asks `next_round()` which heads to measure on which images, measures the score's
     per-(head, image) terms for exactly those (any order of work, any replicas), and hands them to
-    `update(values)` as a (len(round.heads), len(round.images)) array in the round's order. It stops
-    when `next_round()` returns None; `result()` then holds the top K and every head's numbers. The
-    state is a pure function of the values given, so replaying the rounds from stored deltas
-    rebuilds it (resume).
+    `update(values)` as one (len(block.heads), len(block.images)) array per block, in the round's order. It
+    stops when `next_round()` returns None; `result()` then holds the top K and every head's numbers. The
+    state is a pure function of the values given, so replaying the rounds from stored deltas rebuilds it
+    (resume).
 
-    low, high: the range of the per-image terms minus `offsets` (see `population`); offsets: (N,)
-    known per-image parts in D order, or None. measure_in: keep measuring heads decided in until
-    the end (their exact scores and order, for K x N more pairs).
+    low, high: the range of the per-image terms (SCORE_RANGES); bounds: (low_i, high_i) per image of D in D
+    order (`term_bounds`), or None. With bounds, the heavy images (`heavy_count`, or `heavy`) are visited
+    first. lead: the leaders of the first round (e.g. the pre-screen's best); later rounds lead with the K open
+    heads of the highest running means, lead_ahead slots ahead of the rest (0: every head in step).
+    measure_in: keep measuring heads decided in until the end (their exact scores and order, for K x N more pairs).
     """
 
     def __init__(self, n_heads: int, n_images: int, k: int, *, low: float, high: float, delta: float = 0.05,
-                 seed: int = 0, first: int = 32, growth: float = 1.2, offsets: np.ndarray | None = None,
+                 seed: int = 0, first: int = 32, growth: float = 1.2,
+                 bounds: tuple[np.ndarray, np.ndarray] | None = None, heavy: int | None = None,
                  bound: str | Callable = "betting", bet_cap: float = 0.9, measure_in: bool = False,
-                 lead: np.ndarray | None = None, lead_rounds: int = 0):
+                 lead: np.ndarray | None = None, lead_ahead: int = LEAD_AHEAD):
         if not 1 <= k <= n_heads:
             raise ValueError(f"top K={k} must be between 1 and the number of heads ({n_heads})")
         if not 0 < delta < 1:
@@ -340,28 +391,39 @@ class AdaptiveTopK:
             raise ValueError(f"bound={bound!r}: one of {', '.join(BOUNDS)}")
         if not 0 < bet_cap < 1:
             raise ValueError(f"bet_cap={bet_cap} must be in (0, 1)")
-        if lead_rounds < 0:
-            raise ValueError(f"lead_rounds={lead_rounds} must be >= 0")
+        if lead_ahead < 0:
+            raise ValueError(f"lead_ahead={lead_ahead} must be >= 0")
         self.n_heads, self.n_images, self.k = n_heads, n_images, k
         self.low, self.high, self.delta = float(low), float(high), float(delta)
         self.bound, self.bet_cap, self.measure_in = bound, bet_cap, measure_in
-        self.offsets = None if offsets is None else np.asarray(offsets, np.float64)
-        if self.offsets is not None and self.offsets.shape != (n_images,):
-            raise ValueError(f"offsets must have one value per image ({n_images}), got {self.offsets.shape}")
-        self.offset_mean = 0.0 if self.offsets is None else float(self.offsets.mean())
-        self.order = visit_order(n_images, seed)
-        self.ends = round_ends(n_images, first, growth)
-        # lead heads (e.g. the pre-screen's best) are measured lead_rounds slots ahead of the rest
-        self.lag = np.zeros(n_heads, dtype=np.int64)
-        if lead is not None and lead_rounds:
-            self.lag[:] = lead_rounds
-            self.lag[np.asarray(lead, dtype=np.int64)] = 0
+        self.image_low, self.image_high = np.full(n_images, self.low), np.full(n_images, self.high)
+        if bounds is not None:
+            if any(np.shape(b) != (n_images,) for b in bounds):
+                raise ValueError(f"bounds must have one (low, high) per image ({n_images}), got "
+                                 f"{[np.shape(b) for b in bounds]}")
+            self.image_low = np.maximum(np.asarray(bounds[0], np.float64), self.low - BOUND_TOL)
+            self.image_high = np.minimum(np.asarray(bounds[1], np.float64), self.high + BOUND_TOL)
+            if heavy is None:
+                heavy = heavy_count(self.image_high, n_heads, delta, bet_cap)
+        self.bounded = bounds is not None  # measured terms are checked against the bounds (else clipped to the range)
+        self.heavy = int(heavy or 0)
+        if not 0 <= self.heavy < max(1, n_images):
+            raise ValueError(f"heavy={heavy} must be in [0, {n_images})")
+        self.order = visit_order(n_images, seed, self.image_high, self.heavy)
+        light = self.order[self.heavy:]
+        self.light_range = (float(self.image_low[light].min()), float(self.image_high[light].max()))
+        # what the images not seen yet can add at least and at most, for every prefix of the order
+        self.unseen_low = np.concatenate([np.cumsum(self.image_low[self.order][::-1])[::-1], [0.0]])
+        self.unseen_high = np.concatenate([np.cumsum(self.image_high[self.order][::-1])[::-1], [0.0]])
+        self.ends = [self.heavy + e for e in round_ends(n_images - self.heavy, first, growth)]
+        self.lead = np.zeros(0, dtype=np.int64) if lead is None else np.asarray(lead, dtype=np.int64)
+        self.lead_ahead = lead_ahead
         self.round = 0  # rounds done
         self.values = np.full((n_heads, n_images), np.nan)  # terms measured, in D order
         self.n = np.zeros(n_heads, dtype=np.int64)
         self.level = np.zeros(n_heads, dtype=np.int64)  # slots of the schedule measured
-        self.ci_low = np.full(n_heads, self.low + self.offset_mean)
-        self.ci_high = np.full(n_heads, self.high + self.offset_mean)
+        self.ci_low = np.full(n_heads, self.image_low.mean())
+        self.ci_high = np.full(n_heads, self.image_high.mean())
         self.decided = np.full(n_heads, "", dtype="<U3")
         self.decided_round = np.full(n_heads, -1, dtype=np.int64)
         self.member = np.zeros(n_heads, dtype=bool)  # in the top K (known once settled)
@@ -380,17 +442,31 @@ class AdaptiveTopK:
             keep |= self.member
         return np.flatnonzero(keep & (self.level < len(self.ends)))
 
+    def leaders(self) -> np.ndarray:
+        """The heads measured ahead this round: the given leaders first, then the K undecided heads of the highest
+        running means (ties to the lower index), so the K-th lower bound rises early and the rest leave sooner."""
+        if not self.lead_ahead:
+            return np.zeros(0, dtype=np.int64)
+        if self.round == 0:
+            return self.lead
+        open_ = np.flatnonzero((self.decided == "") & (self.n > 0))
+        return open_[np.argsort(-self.estimates(open_)[0], kind="stable")[: self.k]]
+
     def next_round(self) -> Round | None:
-        """The heads due soonest, each on its next slot of images; a head is due at level + lag (its lead)."""
+        """Every head still measured one slot past the slowest one's level, the leaders lead_ahead slots further."""
         if self.finished:
             return None
         heads = self.measured_heads()
-        due = self.level[heads] + self.lag[heads]
-        heads = heads[due == due.min()]
+        slots = len(self.ends)
+        step = min(slots, int(self.level[heads].min()) + 1)
+        target = np.where(np.isin(heads, self.leaders()), min(slots, step + self.lead_ahead), step)
+        move = target > self.level[heads]
+        heads, target = heads[move], target[move]
         blocks = []
-        for slot in np.unique(self.level[heads]):
-            start = self.ends[slot - 1] if slot else 0
-            blocks.append(Block(heads[self.level[heads] == slot], self.order[start: self.ends[slot]].copy(), int(slot)))
+        for start, stop in sorted({(int(self.level[h]), int(t)) for h, t in zip(heads, target)}):
+            mine = heads[(self.level[heads] == start) & (target == stop)]
+            images = self.order[(self.ends[start - 1] if start else 0): self.ends[stop - 1]].copy()
+            blocks.append(Block(mine, images, start, stop))
         return Round(self.round, tuple(blocks))
 
     # -- one round's results ------------------------------------------------------------------
@@ -412,13 +488,20 @@ class AdaptiveTopK:
                                  f"(heads x images), got {v.shape}")
             if np.isnan(v).any():
                 raise ValueError(f"round {spec.index}: values hold NaN")
+            outside = (v < self.image_low[block.images]) | (v > self.image_high[block.images])
+            if self.bounded and outside.any():
+                i, j = np.argwhere(outside)[0]
+                image = block.images[j]
+                raise ValueError(f"round {spec.index}: head {block.heads[i]}'s term on image {image} of D is {v[i, j]!r}, "
+                                 f"outside [{self.image_low[image]!r}, {self.image_high[image]!r}], the bounds its mask "
+                                 "stage values allow; the scan's BIG/FIG are not the mask stage's")
             arrays.append(v)
         for block, v in zip(spec.blocks, arrays):
             self.values[np.ix_(block.heads, block.images)] = v
             self.pairs += v.size
-            n = self.ends[block.slot]
+            n = self.ends[block.stop - 1]
             self.n[block.heads] = n
-            self.level[block.heads] = block.slot + 1
+            self.level[block.heads] = block.stop
             self._bound(block.heads, n)
         for final in (False, True):  # the bounds' rule while a head is short of N; then, once all are at N, the means'
             open_ = self.decided == ""
@@ -429,36 +512,51 @@ class AdaptiveTopK:
         return self.next_round()
 
     def _bound(self, heads: np.ndarray, n: int) -> None:
+        """Intervals of heads measured on the first n images of the order: the heavy images' terms exactly, the
+        rest's mean from the confidence sequence over the light images, intersected with what the unseen images'
+        bounds allow."""
         if not len(heads):
             return
-        seen = self.order[:n]
-        r = self.values[np.ix_(heads, seen)]
-        if self.offsets is not None:
-            r = r - self.offsets[seen][None, :]
-        width = self.high - self.low
-        z = np.clip((r - self.low) / width, 0.0, 1.0)
-        if self.bound == "betting":
-            lo, hi = [], []
-            step = max(1, 4_000_000 // max(1, n))  # rows per block: bounded memory for big populations
-            hint_low = (self.ci_low[heads] - self.offset_mean - self.low) / width
-            hint_high = (self.ci_high[heads] - self.offset_mean - self.low) / width
-            for s in range(0, len(heads), step):
-                a, b = betting_interval(z[s: s + step], self.n_images, self.alpha, self.bet_cap,
-                                        hint_low[s: s + step], hint_high[s: s + step])
-                lo.append(a)
-                hi.append(b)
-            lo, hi = np.concatenate(lo), np.concatenate(hi)
-        else:
-            interval = hoeffding_serfling_interval if self.bound == "hoeffding_serfling" else self.bound
-            lo, hi = interval(z, self.n_images, self.alpha)
-        lo = lo * width + self.low + self.offset_mean
-        hi = hi * width + self.low + self.offset_mean
-        if n == self.n_images:  # the exact mean, summed as the exhaustive ranking sums it
+        total = self.n_images
+        seen = self.values[np.ix_(heads, self.order[:n])]
+        if n == total:  # the exact mean, summed as the exhaustive ranking sums it
             lo = hi = self.values[heads].mean(axis=1)
+        else:
+            lo = (seen.sum(axis=1) + self.unseen_low[n]) / total
+            hi = (seen.sum(axis=1) + self.unseen_high[n]) / total
+            if n > self.heavy:
+                lo, hi = self._light_interval(heads, seen, lo, hi)
         new_low, new_high = np.maximum(self.ci_low[heads], lo), np.minimum(self.ci_high[heads], hi)
         crossed = new_low > new_high  # only where an interval missed (probability <= delta): keep the newest
         self.ci_low[heads] = np.where(crossed, lo, new_low)
         self.ci_high[heads] = np.where(crossed, hi, new_high)
+
+    def _light_interval(self, heads, seen, lo, hi):
+        """(lo, hi) of the heads' means with the light images' part bounded by the confidence sequence."""
+        total, heavy = self.n_images, self.heavy
+        n_light = total - heavy
+        fixed = seen[:, :heavy].sum(axis=1)
+        light_low, light_high = self.light_range
+        width = light_high - light_low
+        z = np.clip((seen[:, heavy:] - light_low) / width, 0.0, 1.0)
+
+        def to_z(interval_end):  # a head's mean -> its light images' mean, rescaled
+            return ((interval_end * total - fixed) / n_light - light_low) / width
+
+        if self.bound == "betting":
+            parts = []
+            step = max(1, 4_000_000 // max(1, z.shape[1]))  # rows per block: bounded memory for big populations
+            hint_low, hint_high = to_z(self.ci_low[heads]), to_z(self.ci_high[heads])
+            for s in range(0, len(heads), step):
+                parts.append(betting_interval(z[s: s + step], n_light, self.alpha, self.bet_cap,
+                                              hint_low[s: s + step], hint_high[s: s + step]))
+            a, b = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        else:
+            interval = hoeffding_serfling_interval if self.bound == "hoeffding_serfling" else self.bound
+            a, b = interval(z, n_light, self.alpha)
+        a = (fixed + n_light * (a * width + light_low)) / total
+        b = (fixed + n_light * (b * width + light_low)) / total
+        return np.maximum(lo, a), np.minimum(hi, b)
 
     def _decide(self, final: bool) -> None:
         """The elimination rule on every undecided head; settles the set when it is known."""
@@ -493,22 +591,39 @@ class AdaptiveTopK:
         if label == "in":
             self.member[mask] = True
 
+    def estimates(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, standard error) per head of its exhaustive score from the images it was measured on: the heavy
+        images' terms exactly plus N_L x the mean of its light images (a uniform sample of them, so unbiased;
+        the standard error with the finite-population factor); at n = N the exact mean (summed as the
+        exhaustive ranking sums it) and std / sqrt(N). NaN where a head has no images (or one, for the error)."""
+        total, heavy = self.n_images, self.heavy
+        mean, stderr = np.full(len(heads), np.nan), np.full(len(heads), np.nan)
+        for i, head in enumerate(heads):
+            n = int(self.n[head])
+            if n == total:
+                mean[i] = self.values[head].mean()
+                stderr[i] = self.values[head].std(ddof=1) / math.sqrt(n) if n > 1 else np.nan
+            elif n:
+                seen = self.values[head, self.order[:n]]
+                light, n_light = seen[heavy:], total - heavy
+                mean[i] = (seen[:heavy].sum() + n_light * light.mean()) / total
+                if len(light) > 1:
+                    stderr[i] = (n_light / total * light.std(ddof=1) / math.sqrt(len(light))
+                                 * math.sqrt(1 - len(light) / n_light))
+        return mean, stderr
+
     def result(self) -> AdaptiveResult:
         if not self.finished:
             raise RuntimeError("the adaptive scan is not finished; call update() until next_round() is None")
         members = self.member.copy()
-        mean = np.full(self.n_heads, np.nan)
-        for head in range(self.n_heads):
-            if self.n[head]:
-                seen = self.order[: self.n[head]]
-                mean[head] = self.values[head, seen].mean() if self.n[head] < self.n_images else self.values[head].mean()
+        mean, stderr = self.estimates(np.arange(self.n_heads))
         top = np.flatnonzero(members)
         top = top[np.argsort(-mean[top], kind="stable")]
         rest = np.flatnonzero(~members)
         rest = rest[np.argsort(-mean[rest], kind="stable")]
         rank = np.empty(self.n_heads, dtype=np.int64)
         rank[np.concatenate([top, rest])] = np.arange(1, self.n_heads + 1)
-        return AdaptiveResult(k=self.k, top_k=top, mean=mean, n=self.n.copy(), ci_low=self.ci_low.copy(),
+        return AdaptiveResult(k=self.k, top_k=top, mean=mean, stderr=stderr, n=self.n.copy(), ci_low=self.ci_low.copy(),
                               ci_high=self.ci_high.copy(), decided=self.decided.copy(),
                               decided_round=self.decided_round.copy(), in_top_k=members, rank=rank,
                               pairs=self.pairs, exhaustive_pairs=self.n_heads * self.n_images, rounds=self.round,
@@ -516,12 +631,13 @@ class AdaptiveTopK:
 
 
 def for_score(score: str, n_heads: int, n_images: int, k: int, *, big: np.ndarray | None = None,
-              fig: np.ndarray | None = None, offsets: bool = False, **options) -> AdaptiveTopK:
-    """The adaptive scan of a run for K heads (the config's top_k as a count: `Config.k_of`) with the
-    score's range (SCORE_RANGES); with `offsets`, the per-image offsets of `population` from D's BIG
-    (and FIG) in D order instead. `options` go to AdaptiveTopK (delta, seed, first, growth, lead, ...)."""
-    off, low, high = population(score, big, fig) if offsets else population(score)
-    return AdaptiveTopK(n_heads, n_images, k, low=low, high=high, offsets=off, **options)
+              fig: np.ndarray | None = None, **options) -> AdaptiveTopK:
+    """The adaptive scan of a run for K heads (the config's top_k as a count: `Config.k_of`) with the score's
+    range (SCORE_RANGES) and, from D's BIG (and FIG) in D order, its per-image bounds (`term_bounds`).
+    `options` go to AdaptiveTopK (delta, seed, first, growth, lead, ...)."""
+    bounds = term_bounds(score, big, fig)
+    low, high = SCORE_RANGES[score]
+    return AdaptiveTopK(n_heads, n_images, k, low=low, high=high, bounds=bounds, **options)
 
 
 # -- replay on a finished exhaustive scan --------------------------------------------------------
@@ -530,26 +646,27 @@ def exhaustive_top_k(matrix: np.ndarray, k: int) -> np.ndarray:
     return top(np.asarray(matrix, np.float64).mean(axis=1), k)
 
 
-def replay(matrix: np.ndarray, k: int, *, low: float, high: float, offsets: np.ndarray | None = None,
-           **options) -> AdaptiveResult:
+def replay(matrix: np.ndarray, k: int, *, low: float, high: float,
+           bounds: tuple[np.ndarray, np.ndarray] | None = None, **options) -> AdaptiveResult:
     """Run the adaptive scan on a finished (heads, images) matrix of terms (D in its order) instead of a
     model; `options` go to AdaptiveTopK. result.extra["matched"]: whether its top-K set equals the exhaustive one."""
     matrix = np.asarray(matrix, np.float64)
-    state = AdaptiveTopK(matrix.shape[0], matrix.shape[1], k, low=low, high=high, offsets=offsets, **options)
+    state = AdaptiveTopK(matrix.shape[0], matrix.shape[1], k, low=low, high=high, bounds=bounds, **options)
     spec = state.next_round()
     while spec is not None:
         spec = state.update([matrix[np.ix_(b.heads, b.images)] for b in spec.blocks])
     result = state.result()
     result.extra["matched"] = set(result.top_k.tolist()) == set(exhaustive_top_k(matrix, k).tolist())
+    result.extra["heavy"] = state.heavy
     return result
 
 
-def replay_resampled(matrix: np.ndarray, k: int, *, low: float, high: float, offsets: np.ndarray | None = None,
-                     scales: tuple[int, ...] = (1, 4, 16), resamples: int = 1, seed: int = 0,
-                     **options) -> list[dict]:
-    """The saving as D grows: replays on bootstrap resamples of D's images (columns drawn with replacement)
-    at each scale x N, `resamples` of each. One dict per replay: scale, images, pairs, exhaustive_pairs,
-    saving, matched, rounds."""
+def replay_resampled(matrix: np.ndarray, k: int, *, low: float, high: float,
+                     bounds: tuple[np.ndarray, np.ndarray] | None = None, scales: tuple[int, ...] = (1, 4, 16),
+                     resamples: int = 1, seed: int = 0, **options) -> list[dict]:
+    """The saving as D grows: replays on bootstrap resamples of D's images (columns drawn with replacement, their
+    bounds with them) at each scale x N, `resamples` of each. One dict per replay: scale, images, pairs,
+    exhaustive_pairs, saving, matched, rounds, heavy."""
     matrix = np.asarray(matrix, np.float64)
     n = matrix.shape[1]
     rng = np.random.default_rng([seed, 0xB007])
@@ -557,22 +674,22 @@ def replay_resampled(matrix: np.ndarray, k: int, *, low: float, high: float, off
     for scale in scales:
         for r in range(resamples):
             cols = rng.integers(0, n, size=scale * n)
-            res = replay(matrix[:, cols], k, low=low, high=high, offsets=None if offsets is None else offsets[cols],
-                         seed=seed + r, **options)
+            res = replay(matrix[:, cols], k, low=low, high=high, seed=seed + r,
+                         bounds=None if bounds is None else (bounds[0][cols], bounds[1][cols]), **options)
             rows.append({"scale": scale, "resample": r, "images": scale * n, "pairs": res.pairs,
                          "exhaustive_pairs": res.exhaustive_pairs, "saving": res.saving,
-                         "matched": res.extra["matched"], "rounds": res.rounds})
+                         "matched": res.extra["matched"], "rounds": res.rounds, "heavy": res.extra["heavy"]})
     return rows
 
 
 # -- what to expect before a scan (`cigma-ray plan --adaptive`) ---------------------------------------------
 # Savings (exhaustive pairs / pairs measured) the replays measured on the 320-head random-weight ViT of
 # benchmarks/results/adaptive-wide-vit-10x32-*.json (K = 16, delta = 0.05, big_drop; D and its bootstrap
-# resamples at 4x and 16x), by the images of D. The saving depends on how far the heads' scores sit from the
-# K-th (a head g below it leaves after about 2 x 0.69 x ln(2H / delta) / (0.9 g) images: 14.5 / g at H = 320),
-# which no config file says; these curves are a planning figure, not a promise.
-REFERENCE_SAVINGS = {"none": ((2026, 1.72), (8104, 4.39), (32416, 10.96)),
-                     "screen": ((2026, 2.65), (8104, 5.78), (32416, 12.63))}
+# resamples at 4x and 16x, mean of 3), by the images of D. The saving depends on how far the heads' scores sit
+# below the K-th and on how BIG spreads over D, which no config file says; these curves are a planning figure,
+# not a promise. (With --order screen the scan's own saving is the same; the screen's forwards come on top.)
+REFERENCE_SAVINGS = {"none": ((2026, 2.73), (8104, 5.66), (32416, 12.38)),
+                     "screen": ((2026, 2.73), (8104, 5.66), (32416, 12.45))}
 
 
 def expected_saving(n_images: int, order: str = "none") -> float:

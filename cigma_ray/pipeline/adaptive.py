@@ -9,10 +9,11 @@ process or on Ray replicas, with their retries and failure records), their files
 read back, not run, and give the same values, so the same decisions and the same next round. Nothing in a
 round depends on how many replicas ran it or on retries, so neither does the result.
 
-With `adaptive_order: screen`, the gradient pre-screen (screen/, one forward and backward per view and
-image) ranks the heads first; its best LEAD_PER_K x K heads are measured LEAD_ROUNDS slots of the schedule
-ahead of the rest, so the K-th lower bound rises early and the rest leave sooner. The screen only orders
-the work: every decision is the bounded one on exact measurements.
+The state is built from D's BIG (and FIG) in the mask stage's files, which bound every head's term per image
+(`method.adaptive.term_bounds`). With `adaptive_order: screen`, the gradient pre-screen (screen/, one forward
+and backward per view and image) ranks the heads first; its best LEAD_PER_K x K heads lead the first round
+(later rounds lead with the heads of the highest running means). The screen only orders the work: every
+decision is the bounded one on exact measurements.
 """
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import Config
 from ..method.adaptive import AdaptiveTopK, Round, for_score
 from ..method.fidelity import top
 from ..models import scanned_heads
-from ..rundir import RunDir
+from ..rundir import RunDir, StorageError
 from .ranking import score_matrices
 from .units import Unit, layer_ranges, missing_units, shards
 
-LEAD_PER_K = 2  # with the screen's order: its best 2K heads lead
-LEAD_ROUNDS = 12  # by 12 slots of the schedule (x1.2 each: about 9x the images of the rest)
+LEAD_PER_K = 2  # with the screen's order: its best 2K heads lead the first round
 
 
 def round_folder(index: int) -> str:
@@ -38,11 +39,12 @@ def round_folder(index: int) -> str:
     return f"adaptive/round-{index:03d}"
 
 
-def new_state(cfg: Config, n_heads: int, n_images: int, lead: np.ndarray | None = None) -> AdaptiveTopK:
-    """The adaptive scan's state for a run's config (K from top_k, the score's range, delta, the schedule)."""
-    return for_score(cfg.score, n_heads, n_images, cfg.k_of(n_heads), delta=cfg.delta, seed=cfg.seed,
-                     first=cfg.adaptive_first, growth=cfg.adaptive_growth, lead=lead,
-                     lead_rounds=LEAD_ROUNDS if lead is not None else 0)
+def new_state(cfg: Config, n_heads: int, masks: pa.Table, lead: np.ndarray | None = None) -> AdaptiveTopK:
+    """The adaptive scan's state for a run's config (K from top_k, the score's range and per-image bounds from
+    the masks of D, by image id, delta, the schedule)."""
+    fig = masks["fig"].to_numpy() if "fig" in masks.column_names else None
+    return for_score(cfg.score, n_heads, masks.num_rows, cfg.k_of(n_heads), big=masks["big"].to_numpy(), fig=fig,
+                     delta=cfg.delta, seed=cfg.seed, first=cfg.adaptive_first, growth=cfg.adaptive_growth, lead=lead)
 
 
 def lead_heads(estimates: np.ndarray, k: int) -> np.ndarray:
@@ -60,7 +62,13 @@ class AdaptiveScan:
         self.heads_per_layer = heads_per_layer
         self.heads = scanned_heads(heads_per_layer, skipped)  # skipped layers' heads cannot change the logits
         self.position = {image: i for i, image in enumerate(self.selected)}
-        self.state = new_state(cfg, len(self.heads), len(self.selected), lead)
+        masks = run.read_folder("masks", ["image_id", "big"] + (["fig"] if cfg.measure_fig else []))
+        if masks is not None:
+            masks = masks.filter(pc.is_in(masks["image_id"], value_set=pa.array(self.selected, pa.int64())))
+            masks = masks.sort_by("image_id")
+        if masks is None or masks["image_id"].to_pylist() != self.selected:
+            raise StorageError(f"{run.url}: masks/ does not hold one row per image of D; the mask stage did not finish")
+        self.state = new_state(cfg, len(self.heads), masks, lead)
 
     def units(self, spec: Round) -> list[list[Unit]]:
         """Per block of the round: image shards (by image id) x layer ranges, each unit with the block's heads in
@@ -106,18 +114,15 @@ class AdaptiveScan:
 
     def ranking(self) -> pa.Table:
         """rankings.parquet of an adaptive run, best first: the top K by their means, then the rest by their means
-        (an approximate order: those heads were measured on part of D). Per head: score (mean over the n images
-        it was measured on), stderr, ci_low and ci_high (the confidence sequence's interval the decisions used,
+        (an approximate order: those heads were measured on part of D). Per head: score (its estimate from the n
+        images it was measured on: the heavy images exactly, the light ones' mean; exact where n = N), its
+        stderr, ci_low and ci_high (the confidence sequence's interval the decisions used,
         jointly valid at 1 - delta), n, rank, in_top_k, decided_early (it left the scan before all of D: n < N) and
         decided_round (the round after which its membership was known); the score's own columns (name,
         name_stderr, name_ci_low, name_ci_high, name_rank) repeat them, as in an exhaustive ranking."""
         state = self.state
         res = state.result()
-        stderr = np.full(len(self.heads), np.nan)
-        for i, n in enumerate(res.n):
-            if n > 1:
-                seen = state.values[i, state.order[:n]]
-                stderr[i] = seen.std(ddof=1) / np.sqrt(n)
+        stderr = res.stderr
         name = self.cfg.score
         columns = {"layer": pa.array([l for l, _ in self.heads], pa.int32()),
                    "head": pa.array([h for _, h in self.heads], pa.int32())}
@@ -139,5 +144,5 @@ class AdaptiveScan:
         return {"k": s.k, "delta": s.delta, "rounds": s.round, "pairs": int(s.pairs),
                 "exhaustive_pairs": int(s.n_heads * s.n_images), "n_images": s.n_images, "heads": s.n_heads,
                 "decided_in": int((s.decided == "in").sum()), "decided_out": int((s.decided == "out").sum()),
-                "lead": [list(self.heads[i]) for i in np.flatnonzero(s.lag == 0)] if s.lag.any() else [],
+                "lead": [list(self.heads[i]) for i in s.lead], "heavy": s.heavy,
                 "finished": bool(s.finished)}

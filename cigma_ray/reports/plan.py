@@ -89,9 +89,8 @@ def adaptive_scan_text(p: dict, args: PlanSettings) -> str:
            f"{p['adaptive_saving']:.2f}x fewer: the saving that replays of the adaptive scan measured on a 320-head "
            f"ViT ({', '.join(f'{s:g}x at {n:,}' for n, s in REFERENCE_SAVINGS[args.adaptive_order])} images of D"
            f"{', order screen' if args.adaptive_order == 'screen' else ''}), interpolated at D = {p['images_in_d']:,}; "
-           "it depends on how far the heads' scores sit below the K-th (a head g below it leaves after about "
-           "14.5 / g images), so measure yours with `cigma-ray bench adaptive RUN` on an exhaustive run and pass "
-           "--saving")
+           "it depends on how far the heads' scores sit below the K-th and on how BIG spreads over D, so measure "
+           "yours with `cigma-ray bench adaptive RUN` on an exhaustive run and pass --saving")
     return f"scan about {f['scan']:,} adaptive ({how}; exhaustive: {p['scan_exhaustive']:,} = {views}){screen}"
 
 
