@@ -122,8 +122,9 @@ def adaptive_bench_text(r: dict) -> str:
                      + ", ".join(f"{row['saving_with_screen']:.2f}x at {row['images']}" for row in r["rows"]))
     matched = sum(row["matched"] for row in r["rows"])
     lines.append(f"top-K set equal to the exhaustive one in {matched}/{len(r['rows'])} replays; as scanned, "
-                 f"{r['decided_in']} heads were decided in and {r['decided_out']} out before D was exhausted "
-                 f"({r['seconds']:.1f} s of replays)")
+                 f"{r['decided_in']} heads were decided in and {r['decided_out']} out before D was exhausted, "
+                 f"every head measured first on the {r['rows'][0]['heavy']} images of D with the largest bounds "
+                 f"on its term ({r['seconds']:.1f} s of replays)")
     lines.append("(resamples draw D's images with replacement at that multiple of its size: the saving grows with N "
                  "because the images a decision needs do not)")
     return "\n".join(lines)
