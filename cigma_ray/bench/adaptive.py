@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from ..config import ConfigError
 from ..method import available_scores
@@ -37,19 +38,21 @@ class AdaptiveBench:
     json: str | None = None  # also write the numbers here
 
 
-def exhaustive_matrices(run: Run) -> tuple[dict[str, np.ndarray], list[int]]:
-    """An exhaustive run's (heads, images) matrices of every score it measured, and D (image ids), read the way
-    the ranking reads them; an adaptive or iterative run is refused by name."""
+def exhaustive_matrices(run: Run) -> tuple[dict[str, np.ndarray], pa.Table]:
+    """An exhaustive run's (heads, images) matrices of every score it measured, read the way the ranking reads
+    them, and D's masks (image_id, big and with measure_fig fig, by image id: the matrices' columns); an
+    adaptive or iterative run is refused by name."""
     cfg = run.config
     if run.adaptive:
         raise ConfigError(f"{run.url} is an adaptive run: replays need an exhaustive scan (every head on every image)")
     if run.rounds > 1:
         raise ConfigError(f"{run.url} is an iterative run (rounds={run.rounds}); replay a single-round scan")
     run.require_rankings("replay")
-    ids = run.masks(["image_id"])["image_id"].to_pylist()
+    masks = run.masks(["image_id", "big"] + (["fig"] if cfg.measure_fig else []))
+    ids = masks["image_id"].to_pylist()
     names = available_scores(cfg.measure_fig, cfg.measure_swap)
     units = scan_units(ids, cfg, run.heads_per_layer)
-    return score_matrices(run.dir, units, run.heads, ids, names), ids
+    return score_matrices(run.dir, units, run.heads, ids, names), masks
 
 
 def replay_bench(s: AdaptiveBench) -> dict:
@@ -57,7 +60,8 @@ def replay_bench(s: AdaptiveBench) -> dict:
     run = open_run(s.run)
     cfg = run.config
     score = s.score or cfg.score
-    matrices, ids = exhaustive_matrices(run)
+    matrices, masks = exhaustive_matrices(run)
+    n_images = masks.num_rows
     if score not in matrices:
         raise ConfigError(f"--score {score}: the run's scan did not measure FIG^(-h) (measure_fig: false); it has "
                           f"{', '.join(matrices)}")
@@ -73,14 +77,13 @@ def replay_bench(s: AdaptiveBench) -> dict:
         estimates = run.dir.read_table("screen.parquet").sort_by([("layer", "ascending"), ("head", "ascending")])
         lead = lead_heads(estimates[score].to_numpy(), k)
     low, high = SCORE_RANGES[score]
-    masks = run.masks(["image_id", "big"] + (["fig"] if cfg.measure_fig else []))
     bounds = term_bounds(score, masks["big"].to_numpy(), masks["fig"].to_numpy() if cfg.measure_fig else None)
     options = dict(delta=s.delta, first=s.first or cfg.adaptive_first, growth=s.growth or cfg.adaptive_growth,
                    bet_cap=s.bet_cap, bound=s.bound, lead=lead, bounds=bounds)
     views = 3 if cfg.measure_fig else 2
     start = time.perf_counter()
     res = replay(matrix, k, low=low, high=high, seed=cfg.seed, **options)
-    rows = [{"scale": "D", "resample": 0, "images": len(ids), "pairs": res.pairs, "exhaustive_pairs": res.exhaustive_pairs,
+    rows = [{"scale": "D", "resample": 0, "images": n_images, "pairs": res.pairs, "exhaustive_pairs": res.exhaustive_pairs,
              "saving": res.saving, "matched": res.extra["matched"], "rounds": res.rounds, "heavy": res.extra["heavy"]}]
     rows += replay_resampled(matrix, k, low=low, high=high, scales=s.scales, resamples=s.resamples, seed=cfg.seed,
                              **options)
@@ -90,7 +93,7 @@ def replay_bench(s: AdaptiveBench) -> dict:
             r["screen_forwards"] = 3 * views * r["images"]
             r["saving_with_screen"] = r["exhaustive_forwards"] / (r["forwards"] + r["screen_forwards"])
     means = np.sort(matrix.mean(axis=1))[::-1]
-    return {"run": run.url, "model": run.meta["model"]["name"], "heads": run.n_heads, "images": len(ids),
+    return {"run": run.url, "model": run.meta["model"]["name"], "heads": run.n_heads, "images": n_images,
             "views": views, "score": score, "k": k, "delta": s.delta, "order": s.order, "first": options["first"],
             "growth": options["growth"], "bet_cap": s.bet_cap, "bound": s.bound if isinstance(s.bound, str) else "custom",
             "kth_score": float(means[k - 1]), "next_score": float(means[k]), "median_score": float(np.median(means)),
